@@ -1,0 +1,233 @@
+"""`fourbit generate | ppl | quantize | demo | bench`: the command line, one command per API entry point.
+
+Errors a user can cause print one line (`fourbit: error: ...`) and exit 1; progress bars go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+SCHEMES = ("fp32", "bf16", "fp16", "w4a16")
+FLOAT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _model_args(p: argparse.ArgumentParser):
+    p.add_argument("model", metavar="MODEL",
+                   help="Hugging Face directory, llama2.c .bin, fourbit checkpoint directory, or dummy:<preset>")
+    p.add_argument("--tokenizer", help="tokenizer.model (SentencePiece) or tokenizer.json; default: found beside MODEL")
+    p.add_argument("--scheme", choices=SCHEMES,
+                   help="weights/activations: a float dtype, or w4a16 (quantized on load unless MODEL already is); "
+                        "default: as stored for fourbit checkpoints, else bf16 on CUDA and fp32 on CPU")
+    p.add_argument("--group-size", type=int, default=128, help="w4a16 group size: 32, 64, 128 or -1 (per-channel)")
+    p.add_argument("--sym", action="store_true", help="w4a16: symmetric codes (no zero points)")
+    p.add_argument("--algo", default="rtn", choices=("rtn",), help="w4a16 quantization algorithm")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and dummy weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fourbit", description="4-bit LLM quantization and inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt; prints only the generated text")
+    _model_args(g)
+    g.add_argument("--prompt", default="", help="text to continue (default: start from BOS)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1 = off)")
+
+    p = sub.add_parser("ppl", help="perplexity of a text file")
+    _model_args(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file, evaluated as one string")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
+    p.add_argument("--max-tokens", type=int, help="evaluate only this many tokens from the start")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+
+    q = sub.add_parser("quantize", help="quantize a model and write a fourbit checkpoint")
+    _model_args(q)
+    q.add_argument("--out", required=True, help="output directory")
+
+    d = sub.add_parser("demo", help="quantize a dummy model and time a decode step, bf16 vs w4a16")
+    d.add_argument("--preset", help="dummy preset (default: llama-2-7b on a GPU, tiny on a CPU)")
+    d.add_argument("--group-size", type=int, default=128)
+    d.add_argument("--device", help="default: cuda if available")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="benchmarks (arrive with the W4A16 kernel)")
+    b.add_argument("what", nargs="?")
+    return parser
+
+
+def _device(arg):
+    import torch
+
+    if arg:
+        if arg.startswith("cuda") and not torch.cuda.is_available():
+            from .errors import FourbitError
+
+            raise FourbitError(f"--device {arg}: CUDA is not available here: use --device cpu")
+        return torch.device(arg)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_for_cli(args):
+    """(model, device) for the model flags: load, then quantize when --scheme w4a16 asks for it."""
+    import torch
+
+    from . import api
+    from .config import W4A16Config
+    from .errors import FourbitError
+
+    device = _device(args.device)
+    default = "bf16" if device.type == "cuda" else "fp32"
+    config_json = Path(args.model) / "config.json"
+    quantized_source = config_json.is_file() and "quantization_config" in json.loads(config_json.read_text())
+    scheme = args.scheme or ("w4a16" if quantized_source else default)
+    if quantized_source and scheme != "w4a16":
+        raise FourbitError(f"{args.model} holds w4a16 weights: drop --scheme {scheme} (or use --scheme w4a16)")
+    act = getattr(torch, FLOAT_DTYPES[scheme if scheme != "w4a16" else default])
+    config = W4A16Config(group_size=args.group_size, sym=args.sym, algo=args.algo) if scheme == "w4a16" else None
+    model = api.load(args.model, act, device, args.seed)
+    if config is not None and not quantized_source:
+        api.quantize(model, config)
+    return model
+
+
+def _tokenizer(args, model):
+    from .errors import FourbitError
+    from .models.tokenizer import Tokenizer
+
+    if args.tokenizer:
+        tok = Tokenizer(args.tokenizer)
+    else:
+        src = Path(args.model)
+        where = src.parent if src.is_file() else src
+        if args.model.startswith("dummy:") or not any((where / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+            raise FourbitError(f"no tokenizer found for {args.model}: pass --tokenizer FILE (.model or tokenizer.json)")
+        tok = Tokenizer(where)
+    if tok.vocab_size > model.config.vocab_size:
+        raise FourbitError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model only "
+                           f"{model.config.vocab_size}: pass the model's own tokenizer")
+    return tok
+
+
+def cmd_generate(args):
+    import torch
+
+    from .config import SamplingParams
+    from .errors import FourbitError
+    from .models.generate import generate
+
+    model = load_for_cli(args)
+    tok = _tokenizer(args, model)
+    bos = tok.bos_id if tok.bos_id is not None else model.config.bos_id
+    prompt = ([] if bos is None else [bos]) + tok.encode(args.prompt)
+    if not prompt:
+        raise FourbitError("the prompt is empty and the tokenizer has no BOS token: pass --prompt TEXT")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    new: list[int] = []
+    printed = [""]
+    prefix = tok.decode(prompt)
+
+    def continuation() -> str:
+        # Decode with the prompt so the first new word keeps its leading space (SentencePiece strips it).
+        full = tok.decode(prompt + new)
+        return full[len(prefix):] if full.startswith(prefix) else tok.decode(new)
+
+    def stream(_row, token):  # print the text as it grows; hold back a partial UTF-8 character
+        new.append(token)
+        text = continuation()
+        if not args.json and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    t0 = time.perf_counter()
+    generate(model, [prompt], params, seed=args.seed, on_token=stream)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    text = continuation()
+    if args.json:
+        print(json.dumps({"text": text, "prompt_tokens": len(prompt), "new_tokens": len(new),
+                          "seconds": round(seconds, 3), "tokens_per_s": round(len(new) / seconds, 2)}))
+    else:
+        sys.stdout.write(text[len(printed[0]):])
+        sys.stdout.flush()
+
+
+def cmd_ppl(args):
+    from .errors import FourbitError
+    from .eval.perplexity import perplexity
+
+    model = load_for_cli(args)
+    tok = _tokenizer(args, model)
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FourbitError(f"cannot read --text {args.text}: {e}") from None
+    result = perplexity(model, tok.encode(text, bos=True), args.seq_len, args.batch_size, args.max_tokens)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['ppl']:.4f}  (NLL {result['nll']:.4f} nats/token over {result['predictions']} "
+              f"predictions in {result['windows']} windows of {result['seq_len']})")
+
+
+def cmd_quantize(args):
+    from . import api
+    from .errors import FourbitError
+
+    if (args.scheme or "w4a16") != "w4a16":
+        raise FourbitError(f"fourbit quantize writes w4a16 checkpoints: drop --scheme {args.scheme}")
+    args.scheme = "w4a16"
+    model = load_for_cli(args)
+    tok = None
+    try:
+        tok = _tokenizer(args, model)
+    except FourbitError:
+        if args.tokenizer:
+            raise  # a tokenizer the user named must load; a missing default one is only skipped
+    out = api.save(model, args.out, tok)
+    if args.json:
+        print(json.dumps({"out": str(out), "tokenizer": None if tok is None else tok.path.name}))
+    else:
+        print(f"wrote {out}" + ("" if tok else " (no tokenizer found: pass --tokenizer to include one)"))
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(_device(args.device), args.preset, args.group_size, args.seed, args.json)
+
+
+def cmd_bench(args):
+    from .errors import FourbitError
+
+    raise FourbitError("fourbit bench is reserved for the W4A16 kernel benchmarks, which are not written yet")
+
+
+COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "quantize": cmd_quantize, "demo": cmd_demo,
+            "bench": cmd_bench}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .errors import FourbitError
+
+    try:
+        COMMANDS[args.command](args)
+    except FourbitError as e:
+        print(f"fourbit: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

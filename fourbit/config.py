@@ -1,0 +1,100 @@
+"""Frozen, versioned configuration dataclasses.
+
+ModelConfig describes a Llama-family architecture; W4A16Config a weight-quantization scheme; SamplingParams
+how to pick the next token. Each round-trips through a plain dict (JSON) so checkpoints carry them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import FourbitError
+
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel (per-channel)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    dim: int  # hidden size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int  # SwiGLU intermediate size
+    head_dim: int = 0  # 0 = dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_interleaved: bool = False  # True: pairs (x[2i], x[2i+1]) (Meta/llama2.c); False: HF rotate_half
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} as in HF config.json
+    qkv_bias: bool = False  # Qwen2
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    sliding_window: int | None = None  # Mistral v0.1: keys further back than this are not attended
+    bos_id: int | None = 1
+    eos_ids: tuple[int, ...] = (2,)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
+        if self.n_heads % self.n_kv_heads:
+            raise FourbitError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise FourbitError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class W4A16Config:
+    """4-bit weights (uint4 codes in groups along the input dim), 16-bit activations.
+
+    group_size: 32, 64, 128, or -1 for one group per output channel. sym: zero point fixed at 8 instead of
+    a per-group uint4 zero. algo: how the codes are chosen ("rtn" now; "awq", "gptq" later).
+    """
+    group_size: int = 128
+    sym: bool = False
+    algo: str = "rtn"
+    format: str = field(default="quick", init=False)
+    version: int = field(default=1, init=False)
+
+    def __post_init__(self):
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise FourbitError(f"group size {self.group_size} is not supported: use one of 32, 64, 128 or -1 (per-channel)")
+        if self.algo not in ("rtn",):
+            raise FourbitError(f"quantization algorithm {self.algo!r} is not available: use 'rtn'")
+
+    def to_dict(self) -> dict:
+        return {"quant_method": "fourbit", "scheme": "w4a16", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "W4A16Config":
+        if d.get("scheme") != "w4a16" or d.get("format") != "quick":
+            raise FourbitError(f"not a fourbit W4A16 quantization_config: {d}")
+        if d.get("version") != 1:
+            raise FourbitError(f"fourbit W4A16 format version {d.get('version')} is newer than this fourbit "
+                               f"understands (1): upgrade fourbit")
+        return cls(group_size=d["group_size"], sym=d["sym"], algo=d["algo"])
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to the top-p nucleus."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise FourbitError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise FourbitError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 0:
+            raise FourbitError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")

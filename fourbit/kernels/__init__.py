@@ -1,0 +1,1 @@
+"""GPU kernels (Triton/Gluon), one op per file, and their torch twins in ref.py."""

@@ -1,0 +1,197 @@
+"""Llama-family decoder (Llama 1/2/3, Mistral, Qwen2): RMSNorm, RoPE, GQA attention, SwiGLU.
+
+The model knows nothing about quantization: every projection is built by `make_linear(in, out, bias)`, a
+factory the caller picks (nn.Linear by default; fourbit.nn.linear_factory for a quantized scheme).
+
+Batches may hold prompts of different lengths, left-padded: `pad[b]` leading slots of row b are padding. A
+token in slot a of row b sits at RoPE position a - pad[b]; keys in padding slots are never attended.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import FourbitError
+
+LinearFactory = Callable[[int, int, bool], nn.Module]
+
+
+def default_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 (or wider) whatever the activation dtype, as the reference implementations do.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in float64, with the config's rope scaling applied."""
+    d = config.head_dim
+    inv_freq = config.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        orig = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((orig / wavelen - low) / (high - low)).clamp(0, 1)
+        # long wavelengths (> orig/low) fully scaled, short (< orig/high) untouched, linear blend between
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    if kind == "default":
+        return inv_freq
+    raise FourbitError(f"rope_scaling type {kind!r} is not supported (supported: llama3, linear)")
+
+
+def apply_rope(x, cos, sin, interleaved: bool):
+    """x (B, T, H, D); cos, sin (B, T, D/2). Rotates pairs (x[2i], x[2i+1]) if interleaved, else (x[i], x[i+D/2])."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Static per-layer key/value buffers (B, Hkv, S, D). The storage dtype is the cache's own property."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.max_len = max_len
+        self.dtype = dtype
+
+    def update(self, layer: int, start: int, k, v):
+        """Store k, v (B, Hkv, T, D) at slots [start, start+T); return all keys and values so far."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise FourbitError(f"KV cache holds {self.max_len} tokens; {end} needed: allocate a longer cache")
+        self.k[layer][:, :, start:end] = k.to(self.dtype)
+        self.v[layer][:, :, start:end] = v.to(self.dtype)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = make_linear(c.dim, c.n_heads * c.head_dim, c.qkv_bias)
+        self.k_proj = make_linear(c.dim, c.n_kv_heads * c.head_dim, c.qkv_bias)
+        self.v_proj = make_linear(c.dim, c.n_kv_heads * c.head_dim, c.qkv_bias)
+        self.o_proj = make_linear(c.n_heads * c.head_dim, c.dim, False)
+
+    def forward(self, x, cos, sin, mask, interleaved: bool, cache: KVCache | None, layer: int, start: int):
+        """mask (B, 1, T, S) boolean, or None for plain causal attention over all keys."""
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, interleaved)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin, interleaved)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # (B, Hkv, S, D)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        group = self.n_heads // self.n_kv_heads
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+        super().__init__()
+        self.gate_proj = make_linear(config.dim, config.hidden_dim, False)
+        self.up_proj = make_linear(config.dim, config.hidden_dim, False)
+        self.down_proj = make_linear(config.hidden_dim, config.dim, False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config, make_linear)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config, make_linear)
+
+    def forward(self, x, cos, sin, mask, interleaved, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, interleaved, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory = default_linear):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, make_linear) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # The classifier stays in full precision (common practice: it is sensitive and small next to the body).
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache(self.config, batch, max_len, dtype or self.dtype, self.device)
+
+    def forward(self, tokens, cache: KVCache | None = None, start: int = 0, pad=None):
+        """tokens (B, T) in cache slots [start, start+T); pad (B,) left-padding per row or None.
+
+        Returns float32 (or float64) logits (B, T, V). Without a cache, attention covers only these tokens.
+        """
+        B, T = tokens.shape
+        dev = tokens.device
+        slots = torch.arange(start, start + T, device=dev)  # (T,)
+        # Plain causal attention needs no explicit mask, which lets SDPA take its fast kernels.
+        plain = pad is None and not self.config.sliding_window and (cache is None or start == 0 or T == 1)
+        pad = torch.zeros(B, dtype=torch.long, device=dev) if pad is None else pad.to(dev)
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+        angles = positions[..., None].to(torch.float64) * self.inv_freq.to(dev)  # (B, T, D/2)
+        h = self.embed_tokens(tokens)
+        cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
+        mask = None if plain else self._mask(slots, pad, start if cache is None else 0, start + T)  # (B, 1, T, S)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, self.config.rope_interleaved, cache, i, start)
+        h = self.norm(h)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, head).to(torch.promote_types(h.dtype, torch.float32))
+
+    def _mask(self, slots, pad, first_key: int, end: int):
+        """Boolean (B, 1, T, S) mask over key slots [first_key, end): causal, no padding, sliding window."""
+        keys = torch.arange(first_key, end, device=slots.device)  # (S,)
+        q, k = slots[None, :, None], keys[None, None, :]
+        allowed = (k <= q) & (k >= pad[:, None, None])
+        if self.config.sliding_window:
+            allowed &= q - k < self.config.sliding_window
+        # A padding query sees only itself, so no softmax row is empty (its output is never used).
+        allowed |= k == q
+        return allowed[:, None]

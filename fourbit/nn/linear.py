@@ -1,0 +1,67 @@
+"""W4A16Linear: nn.Linear with 4-bit group-quantized weights in the quick layout (formats/quick.py).
+
+Buffers (the checkpoint format "quick" v1):
+    qweight  int32 (ceil(N/8), ceil(K/128)*128)  uint4 codes, see formats/quick.py
+    scales   fp16  (G, N)                        per group of `group_size` input channels (G = 1 per-channel)
+    zeros    uint8 (G, N)                        asymmetric only; symmetric codes have an implicit zero of 8
+W[n, k] = (q - z) * s. Scales stay fp16 (as AutoAWQ's) so imported checkpoints dequantize bit-exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import W4A16Config
+from ..formats.quick import pack_quick
+from ..formats.uint4 import group_length
+from ..kernels.ref import w4a16_dequant_ref
+
+SCALE_DTYPE = torch.float16
+
+
+class W4A16Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, sym: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.sym = group_size, sym
+        groups = -(-in_features // group_length(in_features, group_size))
+        self.register_buffer("qweight", torch.zeros(-(-out_features // 8), -(-in_features // 128) * 128,
+                                                    dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=SCALE_DTYPE))
+        self.register_buffer("zeros", None if sym else torch.zeros(groups, out_features, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros, group_size: int, k: int, bias=None) -> "W4A16Linear":
+        """codes uint8 (N, Kp >= k), scales (N, G), zeros (N, G) or None, as formats/uint4.py makes them."""
+        n = codes.shape[0]
+        with torch.device(codes.device):
+            layer = cls(k, n, bias is not None, group_size, zeros is None)
+        layer.qweight.copy_(pack_quick(codes[:, :k]))
+        layer.scales.copy_(scales.t())
+        if zeros is not None:
+            layer.zeros.copy_(zeros.t())
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight these codes stand for, float32 (N, K)."""
+        return w4a16_dequant_ref(self.qweight, self.scales, self.zeros, self.group_size, self.out_features,
+                                 self.in_features)
+
+    def forward(self, x):
+        y = ops.w4a16_gemm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros,
+                           self.group_size, self.out_features, self.in_features, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, sym={self.sym}")
+
+
+def linear_factory(config: W4A16Config):
+    """The Linear factory LlamaModel takes, building empty W4A16Linear layers (filled from a checkpoint)."""
+    return lambda in_features, out_features, bias: W4A16Linear(in_features, out_features, bias,
+                                                               config.group_size, config.sym)

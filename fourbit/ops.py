@@ -1,0 +1,24 @@
+"""Kernels exposed as torch custom ops (with fake implementations, so torch.compile and CUDA graphs work).
+
+Each op runs its GPU kernel when there is one for the inputs and its torch reference (kernels/ref.py) otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .kernels.ref import w4a16_gemm_ref
+
+
+@torch.library.custom_op("fourbit::w4a16_gemm", mutates_args=())
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+               group_size: int, n: int, k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias); see kernels/ref.py for the math and formats/quick.py for W."""
+    # The Hopper kernel (kernels/w4a16_gemm.py) is not written yet: every device takes the reference for now.
+    return w4a16_gemm_ref(x, qweight, scales, zeros, group_size, n, k, bias)
+
+
+@w4a16_gemm.register_fake
+def _(x, qweight, scales, zeros, group_size, n, k, bias=None):
+    return x.new_empty((x.shape[0], n))

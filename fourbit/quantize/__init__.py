@@ -1,0 +1,1 @@
+"""Quantization algorithms: each turns a float weight into uint4 codes + group parameters."""
