@@ -23,9 +23,6 @@ import torch
 from ..config import SUPPORTED_GROUP_SIZES
 from ..errors import FourbitError
 
-_SHIFTS = tuple(range(0, 32, 4))  # bit offset of nibble i in an int32 word
-
-
 def group_length(k: int, group_size: int) -> int:
     """The number of input channels per group for a row of k channels (k itself for group_size -1)."""
     if group_size not in SUPPORTED_GROUP_SIZES:
@@ -70,6 +67,11 @@ def quantize_groups(w: torch.Tensor, group_size: int, sym: bool, scale_dtype: to
     else:
         lo = g.amin(-1).clamp(max=0)  # (N, G)
         s = (g.amax(-1).clamp(min=0) - lo) / 15
+    if torch.finfo(scale_dtype).bits < 32:
+        # Round the scale up, never to nearest, and keep it out of the subnormal range: a scale rounded down
+        # would push the group's extremes past code 15 and clip them.
+        fi = torch.finfo(scale_dtype)
+        s = (s * (1 + fi.eps)).clamp(min=fi.tiny)
     s = s.to(scale_dtype).float()
     s = torch.where(s > 0, s, torch.ones_like(s))  # all-zero group: any s works, 1 keeps codes finite
     if sym:
@@ -99,7 +101,7 @@ def pack_nibbles(vals: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
     """(..., 8) uint4 values -> (...) int32 words; nibble i (bits 4i..4i+3) holds vals[..., order[i]]."""
     if vals.numel() and int(vals.max()) > 15:
         raise FourbitError("codes must be uint4 values 0..15: quantize the weight before packing it")
-    shifts = torch.tensor(_SHIFTS, device=vals.device)
+    shifts = torch.arange(0, 32, 4, device=vals.device)  # bit offset of nibble i
     words = (vals[..., list(order)].to(torch.int64) << shifts).sum(-1)  # disjoint bits: sum == or, < 2^32
     # int32 storage: words >= 2^31 (nibble 7 >= 8) become negative, the same bits a kernel reads as uint32
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -107,7 +109,8 @@ def pack_nibbles(vals: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
 
 def unpack_nibbles(words: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
     """Inverse of pack_nibbles: (...) int32 words -> (..., 8) uint8 values."""
-    shifts = torch.tensor(_SHIFTS, device=words.device)
+    # arange, not torch.tensor(list): no host-to-device copy, so this also runs inside CUDA-graph capture
+    shifts = torch.arange(0, 32, 4, device=words.device)
     nib = ((words.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & 0xF  # (..., 8), nib[..., i] = nibble i
     inverse = sorted(range(8), key=lambda i: order[i])  # inverse[e] = the i with order[i] = e
     return nib[..., inverse].to(torch.uint8)

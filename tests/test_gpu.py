@@ -1,0 +1,57 @@
+"""GPU-only checks (skipped without CUDA): the W4A16 op on the device, real-weight generation and the demo."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fourbit
+from fourbit import ops
+from fourbit.formats.uint4 import quantize_groups
+from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size,sym", [(32, False), (64, True), (128, False), (-1, True)])
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 128, 1000])
+def test_w4a16_op_on_cuda(dtype, group_size, sym, m):
+    n, k = 1000, 1100  # neither a multiple of the tile nor of the group
+    w = torch.randn(n, k, device="cuda")
+    codes, scales, zeros = quantize_groups(w, group_size, sym, SCALE_DTYPE)
+    bias = torch.randn(n, device="cuda")
+    layer = W4A16Linear.from_codes(codes, scales, zeros, group_size, k, bias)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    y = ops.w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, group_size, n, k, layer.bias)
+    ref = x.double() @ layer.dequantize().double().t() + bias.double()
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_golden_text_on_cuda(realdata):
+    model = fourbit.load(realdata / "stories260K.bin", device="cuda")
+    tok = fourbit.Tokenizer(realdata / "tok512.model")
+    out = fourbit.generate(model, [[1]], fourbit.SamplingParams(max_new_tokens=200, temperature=0))
+    assert tok.decode(out[0]) == (realdata / "stories260K.greedy.txt").read_text()
+
+
+def test_w4a16_perplexity_cuda_matches_cpu(realdata):
+    tok = fourbit.Tokenizer(realdata / "tok512.model")
+    ids = tok.encode((realdata / "tinystories_val_head794k.txt").read_text(), bos=True)
+    ppl = {}
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+        model = fourbit.load(realdata / "stories260K.bin", dtype=dtype, device=device)
+        fourbit.quantize(model, fourbit.W4A16Config(group_size=32), progress=False)
+        ppl[device] = fourbit.perplexity(model, ids, 512, max_tokens=50_000, progress=False)["ppl"]
+    assert abs(ppl["cuda"] / ppl["cpu"] - 1) < 0.01, ppl
+
+
+def test_demo_on_cuda():
+    out = subprocess.run([sys.executable, "-m", "fourbit.cli", "demo", "--json"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["preset"] == "llama-2-7b" and result["layers_quantized"] == 224
+    assert all(e["max"] < 0.15 for e in result["rel_error"].values())
