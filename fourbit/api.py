@@ -54,6 +54,8 @@ def quantize(model: nn.Module, config: W4A16Config, filter=None, report: dict | 
 def save(model: LlamaModel, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write a fourbit checkpoint directory: config.json, model.safetensors and the tokenizer file if given."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FourbitError(f"{path} exists and is not a directory: choose another output directory")
     path.mkdir(parents=True, exist_ok=True)
     quant = getattr(model, "quant_config", None)
     meta = {"fourbit": {"format_version": FORMAT_VERSION, "version": __version__},
@@ -64,7 +66,8 @@ def save(model: LlamaModel, path: str | Path, tokenizer: Tokenizer | None = None
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:
-        shutil.copyfile(tokenizer.path, path / tokenizer.path.name)
+        # under the standard name, so loading the checkpoint finds it without --tokenizer
+        shutil.copyfile(tokenizer.path, path / ("tokenizer" + tokenizer.path.suffix))
         for extra in ("tokenizer_config.json", "special_tokens_map.json"):
             if (tokenizer.path.parent / extra).is_file():
                 shutil.copyfile(tokenizer.path.parent / extra, path / extra)

@@ -185,6 +185,8 @@ def cmd_quantize(args):
 
     if (args.scheme or "w4a16") != "w4a16":
         raise FourbitError(f"fourbit quantize writes w4a16 checkpoints: drop --scheme {args.scheme}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # fail before the work, not after it
+        raise FourbitError(f"--out {args.out} exists and is not a directory: choose another output directory")
     args.scheme = "w4a16"
     model = load_for_cli(args)
     tok = None
@@ -222,7 +224,7 @@ def main(argv=None):
 
     try:
         COMMANDS[args.command](args)
-    except FourbitError as e:
+    except (FourbitError, OSError) as e:  # OSError: unreadable inputs, unwritable outputs, a full disk
         print(f"fourbit: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

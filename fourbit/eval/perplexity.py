@@ -27,6 +27,10 @@ def perplexity(model: LlamaModel, tokens: list[int], seq_len: int, batch_size: i
         raise FourbitError(f"--seq-len must be at least 2, got {seq_len}")
     if seq_len > model.config.max_seq_len:
         raise FourbitError(f"--seq-len {seq_len} exceeds the model's context of {model.config.max_seq_len}")
+    if batch_size < 1:
+        raise FourbitError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise FourbitError(f"--max-tokens must be positive, got {max_tokens}")
     n_text = len(tokens)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
