@@ -55,3 +55,22 @@ def test_demo_on_cuda():
     result = json.loads(out.stdout)
     assert result["preset"] == "llama-2-7b" and result["layers_quantized"] == 224
     assert all(e["max"] < 0.15 for e in result["rel_error"].values())
+
+
+def test_w4a16_layer_in_cuda_graph():
+    """The W4A16 forward captures into a CUDA graph (no host syncs or copies) and replays the eager result."""
+    lin = torch.nn.Linear(1100, 1000, bias=True, device="cuda")
+    layer = fourbit.quantize(torch.nn.Sequential(lin), fourbit.W4A16Config(group_size=64), progress=False)[0]
+    x = torch.randn(16, 1100, device="cuda", dtype=torch.bfloat16)
+    eager = layer(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(out, layer(x)) and not torch.equal(out, eager)

@@ -113,4 +113,5 @@ def unpack_nibbles(words: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, device=words.device)
     nib = ((words.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & 0xF  # (..., 8), nib[..., i] = nibble i
     inverse = sorted(range(8), key=lambda i: order[i])  # inverse[e] = the i with order[i] = e
-    return nib[..., inverse].to(torch.uint8)
+    # stacked slices, not nib[..., list]: list indexing copies the list to the device, which CUDA graphs forbid
+    return torch.stack([nib[..., i] for i in inverse], dim=-1).to(torch.uint8)
