@@ -449,3 +449,28 @@ def test_bad_input_is_one_line_error(cli, case):
         pytest.skip(f"real data not found in {REALDATA}")
     line = one_line_error(cli["err:" + case])
     assert ERRORS[case] in line, line
+
+
+def test_generate_hf_directory_finds_tokenizer_json(tmp_path):
+    """An HF directory (config.json + safetensors + tokenizer.json) runs with no --tokenizer; greedy text equals the API's."""
+    import torch
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    import fourbit as fb
+    from hf_fixtures import write_hf_checkpoint
+
+    cfg = write_hf_checkpoint(tmp_path / "hf", "llama", seed=3)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, cfg["vocab_size"])}}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+    r = one_json(run := fourbit("generate", tmp_path / "hf", "--prompt", "w5 w7", "--temperature", 0,
+                                 "--max-new-tokens", 6, "--scheme", "fp32", "--json", cwd=tmp_path))
+    model = fb.load(tmp_path / "hf", dtype=torch.float32)
+    t = fb.Tokenizer(tmp_path / "hf")
+    new = fb.generate(model, [t.encode("w5 w7", bos=True)], fb.SamplingParams(max_new_tokens=6))[0]
+    assert run.returncode == 0 and r["prompt_tokens"] == 3 and r["new_tokens"] == len(new)
+    assert r["text"].split() == [f"w{i}" for i in new]

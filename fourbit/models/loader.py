@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import FourbitError
@@ -119,13 +120,17 @@ def read_safetensors(folder: Path) -> dict:
     if not files:
         raise FourbitError(f"no *.safetensors files in {folder} (pickled .bin checkpoints are not loaded: "
                            f"convert them to safetensors)")
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise FourbitError(f"shard {missing[0]} listed in {index.name} is missing from {folder}")
     tensors = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise FourbitError(f"shard {name} listed in {index.name} is missing from {folder}")
-        with safe_open(folder / name, framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+    total = sum((folder / name).stat().st_size for name in files)
+    with tqdm(total=total, desc=f"loading {folder.name}", unit="B", unit_scale=True, disable=total < 2**28) as bar:
+        for name in files:
+            with safe_open(folder / name, framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+                    bar.update(tensors[key].numel() * tensors[key].element_size())
     return tensors
 
 
