@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true")
 
-    b = sub.add_parser("bench", help="benchmarks (arrive with the W4A16 kernel)")
-    b.add_argument("what", nargs="?")
+    b = sub.add_parser("bench", help="benchmarks on a GPU: `bench gemm` (W4A16 vs cuBLAS, tinygemm, FP8)")
+    b.add_argument("what", choices=("gemm",))
+    b.add_argument("--shapes", nargs="+", help="subset of the Llama layer shapes (default: all)")
+    b.add_argument("--m", type=int, nargs="+", help="batch sizes M (default: 1 16 32 64 128 256 512 1024 4096)")
+    b.add_argument("--group-size", type=int, default=128)
+    b.add_argument("--out", default="benchmarks/results", help="folder for <gpu>-w4a16.json and .md")
     return parser
 
 
@@ -209,9 +213,17 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
+    import torch
+
+    from .bench import M_VALUES, SHAPES, run_gemm_bench
     from .errors import FourbitError
 
-    raise FourbitError("fourbit bench is reserved for the W4A16 kernel benchmarks, which are not written yet")
+    if not torch.cuda.is_available():
+        raise FourbitError("fourbit bench gemm needs a CUDA GPU")
+    unknown = set(args.shapes or ()) - set(SHAPES)
+    if unknown:
+        raise FourbitError(f"unknown shapes {sorted(unknown)}: choose from {', '.join(SHAPES)}")
+    run_gemm_bench(args.shapes, tuple(args.m or M_VALUES), args.group_size, args.out)
 
 
 COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "quantize": cmd_quantize, "demo": cmd_demo,

@@ -15,7 +15,10 @@ from .kernels.ref import w4a16_gemm_ref
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                group_size: int, n: int, k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias); see kernels/ref.py for the math and formats/quick.py for W."""
-    # The Hopper kernel (kernels/w4a16_gemm.py) is not written yet: every device takes the reference for now.
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        from .kernels.w4a16_gemm import w4a16_gemm as kernel  # triton imports only where a GPU runs it
+
+        return kernel(x, qweight, scales, zeros, group_size, n, k, bias)
     return w4a16_gemm_ref(x, qweight, scales, zeros, group_size, n, k, bias)
 
 

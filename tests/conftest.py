@@ -29,6 +29,10 @@ REALDATA_FILES = ("stories260K.bin", "stories260K.greedy.txt", "tok512.model", "
 # with 2 under load). One thread by default; FOURBIT_TEST_THREADS=2 for an idle machine (2 at most).
 MAX_THREADS = min(2, max(1, int(os.environ.get("FOURBIT_TEST_THREADS", "1"))))
 
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before triton.jit decorates them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (GPU-only test)")
 
 

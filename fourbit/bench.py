@@ -1,0 +1,156 @@
+"""`fourbit bench gemm`: W4A16 GEMM against cuBLAS bf16/fp16, torch's int4 tinygemm and FP8 rowwise, one process.
+
+Every method multiplies the same X (M, K) by a weight of Llama layer shape (N, K). Weights are rotated over
+enough copies that the working set exceeds L2, so each call reads its weight from HBM as in a real decode step.
+Times are do_bench medians (CUDA events). The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate),
+both measured here, with bytes = packed weights + scales + X + Y moved once.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .formats.uint4 import quantize_groups
+from .nn.linear import SCALE_DTYPE, W4A16Linear
+
+SHAPES = {  # name: (N, K)
+    "7b.qkv": (12288, 4096), "7b.o": (4096, 4096), "7b.gate_up": (22016, 4096), "7b.down": (4096, 11008),
+    "70b.qkv_gate_up": (57344, 8192), "70b.down": (8192, 28672),
+}
+M_VALUES = (1, 16, 32, 64, 128, 256, 512, 1024, 4096)
+L2_BYTES = 50 * 2**20
+
+
+def _rotating(make, nbytes: int):
+    """Enough copies of an operand that cycling through them overflows L2 three times over."""
+    copies = max(1, -(-3 * L2_BYTES // max(nbytes, 1)))
+    items = [make() for _ in range(copies)]
+    state = {"i": 0}
+
+    def next_item():
+        state["i"] = (state["i"] + 1) % copies
+        return items[state["i"]]
+    return next_item
+
+
+def _ceilings() -> tuple[float, float]:
+    """(bytes/s of a large device copy counting read + write, bf16 FLOP/s of an 8192³ matmul), measured here."""
+    from triton.testing import do_bench
+
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    copy_ms = do_bench(lambda: b.copy_(a), return_mode="median")
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = do_bench(lambda: x @ x, return_mode="median")
+    return 2 * a.numel() / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3)
+
+
+def _methods(n: int, k: int, group_size: int):
+    """{name: (prepare(x) -> call, weight bytes)}; a method that this torch cannot run is left out."""
+    w = torch.randn(n, k, device="cuda") * 0.02
+    codes, scales, zeros = quantize_groups(w, group_size, False, SCALE_DTYPE)
+    layer = W4A16Linear.from_codes(codes, scales, zeros, group_size, k)
+    q_bytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros))
+    methods = {}
+    from . import ops
+
+    def ours():
+        nxt = _rotating(lambda: (layer.qweight.clone(), layer.scales.clone(), layer.zeros.clone()), q_bytes)
+
+        def call(x):
+            qweight, s, z = nxt()
+            return ops.w4a16_gemm(x, qweight, s, z, group_size, n, k)
+        return call
+    methods["fourbit w4a16"] = (ours, q_bytes)
+    for name, dtype in (("cuBLAS bf16", torch.bfloat16), ("cuBLAS fp16", torch.float16)):
+        def dense(dtype=dtype):
+            nxt = _rotating(lambda: w.to(dtype), 2 * n * k)
+            return lambda x: x.to(dtype) @ nxt().t()
+        methods[name] = (dense, 2 * n * k)
+    try:  # torch's int4 "tinygemm" (bf16, groups of 128 along K)
+        wq = codes[:, :k].to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack((wq[:, ::2] << 4 | wq[:, 1::2]).to(torch.uint8), 8)
+        sz = torch.stack([scales.t().to(torch.bfloat16),
+                          ((8 - zeros.t().float()) * scales.t().float()).to(torch.bfloat16)], -1).contiguous()
+        torch.ops.aten._weight_int4pack_mm(torch.randn(1, k, device="cuda", dtype=torch.bfloat16), packed, 128, sz)
+
+        def tinygemm():
+            nxt = _rotating(lambda: (packed.clone(), sz.clone()), n * k // 2)
+            return lambda x: torch.ops.aten._weight_int4pack_mm(x, *(lambda p: (p[0], 128, p[1]))(nxt()))
+        methods["torch int4 tinygemm"] = (tinygemm, n * k // 2)
+    except (RuntimeError, AttributeError):
+        pass
+    try:  # FP8 e4m3 W8A8 with rowwise scales (activations quantized per call, as a real layer must)
+        w8 = w.to(torch.float8_e4m3fn)
+        sw = torch.ones(1, n, device="cuda")
+
+        def fp8():
+            nxt = _rotating(lambda: w8.clone(), n * k)
+
+            def call(x):
+                x = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % 16))  # cuBLASLt fp8 wants M % 16 == 0
+                sx = x.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / 448
+                return torch._scaled_mm((x / sx).to(torch.float8_e4m3fn), nxt().t(), scale_a=sx, scale_b=sw,
+                                        out_dtype=torch.bfloat16)
+            return call
+        fp8()(torch.randn(16, k, device="cuda", dtype=torch.bfloat16))
+        methods["FP8 rowwise"] = (fp8, n * k)
+    except (RuntimeError, AttributeError):
+        pass
+    return methods
+
+
+def run_gemm_bench(shapes=None, m_values=M_VALUES, group_size: int = 128, out_dir: str | Path | None = None):
+    import triton
+    from triton.testing import do_bench
+
+    bandwidth, flops_rate = _ceilings()
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    for shape in shapes or SHAPES:
+        n, k = SHAPES[shape]
+        methods = _methods(n, k, group_size)
+        calls = {name: make() for name, (make, _) in methods.items()}
+        for m in m_values:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            times = {}
+            for name, call in calls.items():
+                times[name] = do_bench(lambda: call(x), warmup=25, rep=100, return_mode="median")
+            nbytes = methods["fourbit w4a16"][1] + 2 * m * (k + n)
+            floor_ms = 1e3 * max(nbytes / bandwidth, 2 * m * n * k / flops_rate)
+            base = times["cuBLAS bf16"]
+            rows.append({"shape": shape, "N": n, "K": k, "M": m, "ms": times, "floor_ms": floor_ms,
+                         "speedup_vs_bf16": {name: base / t for name, t in times.items()},
+                         "fraction_of_floor": floor_ms / times["fourbit w4a16"]})
+            print(f"{shape:>16} M={m:<5} " + "  ".join(f"{name} {base / t:5.2f}x" for name, t in times.items())
+                  + f"  | fourbit at {100 * rows[-1]['fraction_of_floor']:.0f}% of floor", flush=True)
+    meta = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "group_size": group_size,
+            "measured_copy_bandwidth_TBps": bandwidth / 1e12, "measured_bf16_TFLOPs": flops_rate / 1e12}
+    if out_dir is not None:
+        write_results(Path(out_dir), meta, rows)
+    return meta, rows
+
+
+def write_results(out_dir: Path, meta: dict, rows: list):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = meta["gpu"].lower().replace("nvidia ", "").replace(" ", "-") + "-w4a16"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    names = [n for n in rows[0]["ms"]]
+    lines = [f"# W4A16 GEMM on {meta['gpu']}, {meta['date']}",
+             "", f"torch {meta['torch']}, triton {meta['triton']}, group size {meta['group_size']} (asymmetric). "
+             f"Measured here: copy {meta['measured_copy_bandwidth_TBps']:.2f} TB/s, "
+             f"bf16 matmul {meta['measured_bf16_TFLOPs']:.0f} TFLOP/s.",
+             "Speedup over cuBLAS bf16 in the same process (higher is better); last column: fourbit's time as a "
+             "fraction of the floor.", "",
+             "| shape (N×K) | M | " + " | ".join(names) + " | fourbit % of floor |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for r in rows:
+        cells = [f"{r['speedup_vs_bf16'][n]:.2f}x" if n in r["speedup_vs_bf16"] else "–" for n in names]
+        lines.append(f"| {r['shape']} ({r['N']}×{r['K']}) | {r['M']} | " + " | ".join(cells)
+                     + f" | {100 * r['fraction_of_floor']:.0f}% |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
