@@ -96,15 +96,18 @@ def _config(m: int, n: int, k_tiles: int, sms: int):
     return block_m, block_n, t, split, warps, 3
 
 
-def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None):
-    """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias) on the GPU (or under TRITON_INTERPRET=1). See the module doc."""
+def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
+    """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias) on the GPU (or under TRITON_INTERPRET=1). See the module doc.
+
+    config: (BLOCK_M, BLOCK_N, T, split_k, num_warps, num_stages) to override the choice by M (for tuning).
+    """
     m = x.shape[0]
     x = x.contiguous()
     kp = qweight.shape[1]
     gs = kp if group_size == -1 else group_size  # per-channel: every k of the row is group 0
     k_tiles = kp // K_TILE
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    block_m, block_n, t, split, warps, stages = _config(m, n, k_tiles, sms)
+    block_m, block_n, t, split, warps, stages = config or _config(m, n, k_tiles, sms)
     per_split = triton.cdiv(triton.cdiv(k_tiles, split), t) * t
     split = triton.cdiv(k_tiles, per_split)
     atomic = split > 1

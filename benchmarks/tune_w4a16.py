@@ -1,0 +1,49 @@
+"""Sweep the Triton W4A16 kernel's configs on a few shapes and batch sizes; prints the best per (shape, M).
+
+python benchmarks/tune_w4a16.py   (GPU). Weights rotate beyond L2 as in fourbit bench gemm.
+"""
+import itertools
+
+import torch
+from triton.testing import do_bench
+
+from fourbit.bench import SHAPES, _rotating
+from fourbit.formats.uint4 import quantize_groups
+from fourbit.kernels.w4a16_gemm import w4a16_gemm
+from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
+
+CANDIDATES = [(bm, bn, t, split, warps, stages)
+              for bm, bn, t, split, warps, stages in itertools.product(
+                  (16, 64, 128), (32, 64, 128, 256), (1, 2, 4), (1, 2, 4, 8), (4, 8), (2, 3, 4))]
+
+
+def main(shapes=("7b.qkv", "70b.down"), ms=(1, 16, 256), budget=24):
+    for shape in shapes:
+        n, k = SHAPES[shape]
+        codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 128, False, SCALE_DTYPE)
+        layer = W4A16Linear.from_codes(codes, scales, zeros, 128, k)
+        nxt = _rotating(lambda: (layer.qweight.clone(), layer.scales.clone(), layer.zeros.clone()), n * k // 2)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            base = do_bench(lambda: x @ dense.t(), return_mode="median")
+            pool = [c for c in CANDIDATES if (c[0] >= 64) == (m > 16) and c[0] <= max(16, m * 2)
+                    and (c[3] == 1 or m <= 64)]
+            torch.manual_seed(m)
+            pool = [pool[i] for i in torch.randperm(len(pool))[:budget].tolist()]
+            results = []
+            for cfg in pool:
+                try:
+                    t = do_bench(lambda: w4a16_gemm(x, *nxt()[:1], layer.scales, layer.zeros, 128, n, k, config=cfg),
+                                 warmup=5, rep=30, return_mode="median")
+                except Exception as e:  # out of shared memory / registers: skip the config
+                    continue
+                results.append((t, cfg))
+            results.sort()
+            best = results[:3]
+            print(f"{shape:>10} M={m:<5} bf16 {base * 1e3:7.1f}us  best " +
+                  "  ".join(f"{cfg} {t * 1e3:6.1f}us ({base / t:.2f}x)" for t, cfg in best), flush=True)
+
+
+if __name__ == "__main__":
+    main()
