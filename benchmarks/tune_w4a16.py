@@ -17,7 +17,7 @@ CANDIDATES = [(bm, bn, t, split, warps, stages)
                   (16, 64, 128), (32, 64, 128, 256), (1, 2, 4), (1, 2, 4, 8), (4, 8), (2, 3, 4))]
 
 
-def main(shapes=("7b.qkv", "70b.down"), ms=(1, 16, 256), budget=16, variants=("2d", "5d")):
+def main(shapes=("7b.qkv", "70b.down"), ms=(1, 16, 256), budget=16):
     for shape in shapes:
         n, k = SHAPES[shape]
         codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 128, False, SCALE_DTYPE)
@@ -31,19 +31,17 @@ def main(shapes=("7b.qkv", "70b.down"), ms=(1, 16, 256), budget=16, variants=("2
                     and (c[3] == 1 or m <= 64)]
             torch.manual_seed(m)
             pool = [pool[i] for i in torch.randperm(len(pool))[:budget].tolist()]
-            for variant in variants:
-                results = []
-                for cfg in pool:
-                    try:
-                        t = do_bench(lambda: w4a16_gemm(x, *nxt()[:1], layer.scales, layer.zeros, 128, n, k,
-                                                        config=cfg, variant=variant),
-                                     warmup=5, rep=30, return_mode="median")
-                    except Exception:  # out of shared memory / registers: skip the config
-                        continue
-                    results.append((t, cfg))
-                results.sort()
-                print(f"{shape:>10} M={m:<5} {variant} bf16 {base * 1e3:7.1f}us  best " +
-                      "  ".join(f"{cfg} {t * 1e3:6.1f}us ({base / t:.2f}x)" for t, cfg in results[:2]), flush=True)
+            results = []
+            for cfg in pool:
+                try:
+                    t = do_bench(lambda: w4a16_gemm(x, *nxt()[:1], layer.scales, layer.zeros, 128, n, k, config=cfg),
+                                 warmup=5, rep=30, return_mode="median")
+                except Exception:  # out of shared memory / registers: skip the config
+                    continue
+                results.append((t, cfg))
+            results.sort()
+            print(f"{shape:>10} M={m:<5} bf16 {base * 1e3:7.1f}us  best " +
+                  "  ".join(f"{cfg} {t * 1e3:6.1f}us ({base / t:.2f}x)" for t, cfg in results[:2]), flush=True)
 
 
 if __name__ == "__main__":

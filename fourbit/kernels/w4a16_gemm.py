@@ -11,6 +11,10 @@ permutation of k; the kernel loads X's columns in the same permuted order instea
 
 Version 1 (this file): dequantize in fp32 registers, `tl.dot` with the weight as the B operand (Triton stages
 it through shared memory), split-K with fp32 atomics for small M. Configs by M below; no autotuning yet.
+Measured on an H200 (2026-11-21, benchmarks/results/h200-w4a16.md): correct, but 0.4-0.6x cuBLAS bf16 at
+M <= 16 and 0.05-0.07x at M >= 256, far from the targets: this is the baseline the Gluon kernel must beat.
+Tried and dropped: unpacking through 2-D tensors only (each unpacked column re-reading its word, so no
+reshape moves registers) ran 5-10x slower still: the 8x load instructions cost more than the reshapes.
 """
 from __future__ import annotations
 
@@ -82,55 +86,6 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, G
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _w4a16_kernel_2d(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, GS, TILES_PER_SPLIT,
-                     SYM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
-    """The same product with only 2-D tensors: each unpacked column c of the (BN, 128·T) block reads word
-    c // 8 (cached re-reads) and shifts out nibble c % 8, so no reshape asks Triton to move registers."""
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    kt_total = KP // 128
-    c = tl.arange(0, T * 128)  # unpacked column: tile t = c // 128, word w = (c // 8) % 16, nibble i = c % 8
-    t_c, w_c, i_c = c // 128, (c // 8) % 16, c % 8
-    q_c, j_c = w_c // 4, w_c % 4
-    k_c = 128 * t_c + 32 * j_c + 16 * ((i_c % 4) // 2) + 8 * (i_c % 2) + 2 * q_c + i_c // 4
-    word_c = 128 * t_c + w_c  # word offset inside the row's step, before the n-dependent 16 * (n % 8)
-    chunk_c = 128 * t_c + 32 * j_c  # first k of the 32-wide chunk that holds column c
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    kt_start = pid_k * TILES_PER_SPLIT
-    kt_end = tl.minimum(kt_start + TILES_PER_SPLIT, kt_total)
-    row = (offs_n // 8) * KP + (offs_n % 8) * 16  # (BN,)
-    for kt in range(kt_start, kt_end, T):
-        ok = n_ok[:, None] & (kt * 128 + chunk_c < kt_end * 128)[None, :]
-        words = tl.load(qw_ptr + row[:, None] + kt * 128 + word_c[None, :], mask=ok, other=0)
-        codes = ((words >> (4 * i_c)[None, :]) & 0xF).to(tl.float32)  # (BN, 128T)
-        g_off = ((kt * 128 + chunk_c) // GS)[None, :] * N + offs_n[:, None]
-        g_ok = ok & (kt * 128 + chunk_c < K)[None, :]
-        sc = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-        if SYM:
-            w = (codes - 8.0) * sc
-        else:
-            w = (codes - tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)) * sc
-        k_abs = kt * 128 + k_c
-        x_mask = (offs_m[:, None] < M) & (k_abs < K)[None, :] & (k_abs < kt_end * 128)[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * K + k_abs[None, :], mask=x_mask, other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
-
-    out_mask = (offs_m[:, None] < M) & n_ok[None, :]
-    out_off = offs_m[:, None] * N + offs_n[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptr + out_off, acc, mask=out_mask)
-    else:
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
 def _config(m: int, n: int, k_tiles: int, sms: int):
     """(BLOCK_M, BLOCK_N, T, split_k, num_warps, num_stages) for a problem of M rows."""
     if m <= 16:
@@ -145,12 +100,10 @@ def _config(m: int, n: int, k_tiles: int, sms: int):
     return block_m, block_n, t, split, warps, 3
 
 
-def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None,
-               variant: str = "2d"):
+def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
     """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias) on the GPU (or under TRITON_INTERPRET=1). See the module doc.
 
-    config: (BLOCK_M, BLOCK_N, T, split_k, num_warps, num_stages) to override the choice by M (for tuning);
-    variant: "2d" or "5d", two formulations of the same unpacking, kept while measurements decide.
+    config: (BLOCK_M, BLOCK_N, T, split_k, num_warps, num_stages) to override the choice by M (for tuning).
     """
     m = x.shape[0]
     x = x.contiguous()
@@ -164,8 +117,7 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     atomic = split > 1
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic else x.new_empty((m, n))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-    kernel = {"2d": _w4a16_kernel_2d, "5d": _w4a16_kernel}[variant]
-    kernel[grid](x, qweight, scales, zeros if zeros is not None else scales,
+    _w4a16_kernel[grid](x, qweight, scales, zeros if zeros is not None else scales,
                         bias if bias is not None else scales, out, m, n, k, kp, gs, per_split,
                         SYM=zeros is None, HAS_BIAS=bias is not None, ATOMIC=atomic,
                         BLOCK_M=block_m, BLOCK_N=block_n, T=t, num_warps=warps, num_stages=stages)
