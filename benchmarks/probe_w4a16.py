@@ -31,9 +31,13 @@ def main(out_dir):
     layer = W4A16Linear.from_codes(codes, scales, zeros, 128, k)
     for m, cfg in ((1, (16, 64, 1, 8, 4, 2)), (16, (16, 128, 1, 4, 4, 3)), (256, (128, 128, 1, 1, 8, 3))):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        mod.w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, 128, n, k, config=cfg)
-        for key, compiled in mod._w4a16_kernel.device_caches[0][0].items():
-            pass
+        bm, bn, t, split, warps, stages = cfg
+        y = torch.zeros(m, n, device="cuda")
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+        compiled = mod._w4a16_kernel[grid](x, layer.qweight, layer.scales, layer.zeros, layer.scales, y, m, n, k,
+                                           layer.qweight.shape[1], 128, triton.cdiv(k // 128, split), SYM=False,
+                                           HAS_BIAS=False, ATOMIC=True, BLOCK_M=bm, BLOCK_N=bn, T=t,
+                                           num_warps=warps, num_stages=stages)
         ttgir = compiled.asm["ttgir"]
         (out / f"m{m}.ttgir").write_text(ttgir)
         counts = {op: len(re.findall(op, ttgir)) for op in ("convert_layout", "local_alloc", "local_load",
