@@ -5,6 +5,7 @@ python benchmarks/tune_w4a16.py   (GPU). Weights rotate beyond L2 as in fourbit 
 import itertools
 
 import torch
+import triton
 from triton.testing import do_bench
 
 from fourbit.bench import SHAPES, _rotating
@@ -12,12 +13,20 @@ from fourbit.formats.uint4 import quantize_groups
 from fourbit.kernels.w4a16_gemm import w4a16_gemm
 from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
 
-CANDIDATES = [(bm, bn, t, split, warps, stages)
-              for bm, bn, t, split, warps, stages in itertools.product(
-                  (16, 64, 128), (32, 64, 128, 256), (1, 2, 4), (1, 2, 4, 8), (4, 8), (2, 3, 4))]
+def candidates(m):
+    """Configs worth trying at M rows, in the tuple form kernels/w4a16_gemm._config returns."""
+    out = []
+    if m <= 8:
+        bm = triton.next_power_of_2(m)
+        out += [("gemv", bm, bn, 1, split, warps, stages) for bn, split, warps, stages in itertools.product(
+            (32, 64, 128, 256), (1, 2, 4, 8, 16), (2, 4, 8), (1, 2, 3))]
+    bms = (16,) if m <= 16 else tuple(b for b in (64, 128) if b <= 2 * m)
+    out += [("mma", bm, bn, t, split, warps, stages) for bm, bn, t, split, warps, stages in itertools.product(
+        bms, (32, 64, 128, 256), (1, 2, 4), (1, 2, 4, 8) if m <= 64 else (1,), (4, 8), (2, 3, 4))]
+    return out
 
 
-def main(shapes=("7b.qkv", "70b.down"), ms=(1, 16, 256), budget=16):
+def main(shapes=("7b.qkv", "7b.down", "70b.down"), ms=(1, 4, 16), budget=40):
     for shape in shapes:
         n, k = SHAPES[shape]
         codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 128, False, SCALE_DTYPE)
@@ -27,8 +36,7 @@ def main(shapes=("7b.qkv", "70b.down"), ms=(1, 16, 256), budget=16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             base = do_bench(lambda: x @ dense.t(), return_mode="median")
-            pool = [c for c in CANDIDATES if (c[0] >= 64) == (m > 16) and c[0] <= max(16, m * 2)
-                    and (c[3] == 1 or m <= 64)]
+            pool = candidates(m)
             torch.manual_seed(m)
             pool = [pool[i] for i in torch.randperm(len(pool))[:budget].tolist()]
             results = []
@@ -41,7 +49,9 @@ def main(shapes=("7b.qkv", "70b.down"), ms=(1, 16, 256), budget=16):
                 results.append((t, cfg))
             results.sort()
             print(f"{shape:>10} M={m:<5} bf16 {base * 1e3:7.1f}us  best " +
-                  "  ".join(f"{cfg} {t * 1e3:6.1f}us ({base / t:.2f}x)" for t, cfg in results[:2]), flush=True)
+                  "  ".join(f"{cfg} {t * 1e3:6.1f}us ({base / t:.2f}x)" for t, cfg in
+                            [next(r for r in results if r[1][0] == kind) for kind in ("gemv", "mma")
+                             if any(r[1][0] == kind for r in results)]), flush=True)
 
 
 if __name__ == "__main__":

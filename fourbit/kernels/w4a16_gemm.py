@@ -86,24 +86,83 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, G
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _config(m: int, n: int, k_tiles: int, sms: int):
-    """(BLOCK_M, BLOCK_N, T, split_k, num_warps, num_stages) for a problem of M rows."""
-    if m <= 16:
-        block_m, block_n, t, warps = 16, 64, 2, 4
-    elif m <= 64:
-        block_m, block_n, t, warps = 64, 64, 1, 4
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, GS, TILES_PER_SPLIT,
+                       SYM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Small M on CUDA cores, one 128-wide k tile per step, no tensor cores and no shared memory.
+
+    Words stay 3-D (n, q, j) in the layout they were loaded in; the 8 nibbles are taken one at a time, each
+    multiplied by the X values it stands for. Group parameters apply once per (n, 32-wide chunk j):
+    y[m, n] += s[g, n] · (Σ q·x − z[g, n] · Σ x) over the chunk, so the inner loop is shift, mask, convert, FMA.
+    """
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    q3 = tl.arange(0, 4)[None, :, None]
+    j3 = tl.arange(0, 4)[None, None, :]
+    j2 = tl.arange(0, 4)[None, :]
+    row = ((offs_n // 8) * KP + (offs_n % 8) * 16)[:, None, None] + 4 * q3 + j3  # (BN, 4q, 4j) word offsets
+    rows_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    kt_total = KP // 128
+    kt_start = pid_k * TILES_PER_SPLIT
+    kt_end = tl.minimum(kt_start + TILES_PER_SPLIT, kt_total)
+    for kt in range(kt_start, kt_end):
+        words = tl.load(qw_ptr + row + kt * 128, mask=n_ok[:, None, None], other=0)  # (BN, 4, 4)
+        chunk = kt * 128 + 32 * j2  # (1, 4j): first k of each chunk
+        g_off = (chunk // GS) * N + offs_n[:, None]
+        g_ok = n_ok[:, None] & (chunk < K)
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)  # (BN, 4j)
+        if SYM:
+            z = tl.full((BLOCK_N, 4), 8.0, tl.float32)
+        else:
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            dot = tl.zeros((BLOCK_N, 4, 4), dtype=tl.float32)
+            xsum = tl.zeros((1, 4, 4), dtype=tl.float32)
+            for i in tl.static_range(8):
+                k_i = kt * 128 + 32 * j3 + 16 * ((i % 4) // 2) + 8 * (i % 2) + 2 * q3 + i // 4  # (1, 4q, 4j)
+                x_i = tl.load(x_ptr + m * K + k_i, mask=(k_i < K) & (m < M), other=0.0).to(tl.float32)
+                dot += ((words >> (4 * i)) & 0xF).to(tl.float32) * x_i
+                xsum += x_i
+            part = tl.sum(s * (tl.sum(dot, 1) - z * tl.sum(xsum, 1)), 1)  # (BN,)
+            acc = tl.where(rows_m[:, None] == m, acc + part[None, :], acc)
+
+    out_mask = (rows_m[:, None] < M) & n_ok[None, :]
+    out_off = rows_m[:, None] * N + offs_n[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptr + out_off, acc, mask=out_mask)
     else:
-        block_m, block_n, t, warps = 128, 128, 1, 8
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+GEMV_MAX_M = 4  # up to this many rows the CUDA-core kernel wins (measured, see the module docstring)
+
+
+def _config(m: int, n: int, k_tiles: int, sms: int):
+    """("gemv", BLOCK_M, BLOCK_N, 1, split_k, num_warps, num_stages) or ("mma", BLOCK_M, BLOCK_N, T, ...)."""
+    if m <= GEMV_MAX_M:
+        kind, block_m, block_n, t, warps = "gemv", triton.next_power_of_2(m), 64, 1, 4
+    elif m <= 16:
+        kind, block_m, block_n, t, warps = "mma", 16, 64, 2, 4
+    elif m <= 64:
+        kind, block_m, block_n, t, warps = "mma", 64, 64, 1, 4
+    else:
+        kind, block_m, block_n, t, warps = "mma", 128, 128, 1, 8
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    # small grids leave SMs idle: split K until about two programs per SM (each split >= T tiles)
-    split = max(1, min(2 * sms // max(tiles, 1), k_tiles // t))
-    return block_m, block_n, t, split, warps, 3
+    # small grids leave SMs idle: split K until about four programs per SM (each split >= T tiles)
+    split = max(1, min(4 * sms // max(tiles, 1), k_tiles // t))
+    return kind, block_m, block_n, t, split, warps, 3
 
 
 def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
     """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias) on the GPU (or under TRITON_INTERPRET=1). See the module doc.
 
-    config: (BLOCK_M, BLOCK_N, T, split_k, num_warps, num_stages) to override the choice by M (for tuning).
+    config: a tuple as _config returns, to override the choice by M (for tuning).
     """
     m = x.shape[0]
     x = x.contiguous()
@@ -111,15 +170,19 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     gs = kp if group_size == -1 else group_size  # per-channel: every k of the row is group 0
     k_tiles = kp // K_TILE
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    block_m, block_n, t, split, warps, stages = config or _config(m, n, k_tiles, sms)
+    kind, block_m, block_n, t, split, warps, stages = config or _config(m, n, k_tiles, sms)
     per_split = triton.cdiv(triton.cdiv(k_tiles, split), t) * t
     split = triton.cdiv(k_tiles, per_split)
     atomic = split > 1
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic else x.new_empty((m, n))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-    _w4a16_kernel[grid](x, qweight, scales, zeros if zeros is not None else scales,
-                        bias if bias is not None else scales, out, m, n, k, kp, gs, per_split,
-                        SYM=zeros is None, HAS_BIAS=bias is not None, ATOMIC=atomic,
-                        BLOCK_M=block_m, BLOCK_N=block_n, T=t, num_warps=warps, num_stages=stages)
+    args = (x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
+            m, n, k, kp, gs, per_split)
+    flags = dict(SYM=zeros is None, HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n,
+                 num_warps=warps, num_stages=stages)
+    if kind == "gemv":
+        if m > block_m:
+            raise ValueError(f"the gemv kernel covers at most BLOCK_M={block_m} rows, got M={m}")
+        _w4a16_gemv_kernel[(triton.cdiv(n, block_n), split)](*args, **flags)
+    else:
+        _w4a16_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)](*args, T=t, **flags)
     return out.to(x.dtype) if atomic else out
-
