@@ -19,11 +19,14 @@ def candidates(m):
     if m <= 8:
         bm = triton.next_power_of_2(m)
         out += [("gemv", bm, bn, 1, split, warps, stages) for bn, split, warps, stages in itertools.product(
-            (32, 64, 128, 256), (1, 2, 4, 8, 16), (2, 4, 8), (1, 2, 3))]
+            (32, 64, 128, 256), (4, 8, 16, 32), (1, 2, 4, 8), (1, 2, 3, 4))]
     bms = (16,) if m <= 16 else tuple(b for b in (64, 128) if b <= 2 * m)
     out += [("mma", bm, bn, t, split, warps, stages) for bm, bn, t, split, warps, stages in itertools.product(
         bms, (32, 64, 128, 256), (1, 2, 4), (1, 2, 4, 8) if m <= 64 else (1,), (4, 8), (2, 3, 4))]
     return out
+
+
+KIND = None
 
 
 def main(shapes=("7b.qkv", "7b.down", "70b.down"), ms=(1, 4, 16), budget=40):
@@ -36,7 +39,7 @@ def main(shapes=("7b.qkv", "7b.down", "70b.down"), ms=(1, 4, 16), budget=40):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             base = do_bench(lambda: x @ dense.t(), return_mode="median")
-            pool = candidates(m)
+            pool = [c for c in candidates(m) if KIND is None or c[0] == KIND]
             torch.manual_seed(m)
             pool = [pool[i] for i in torch.randperm(len(pool))[:budget].tolist()]
             results = []
@@ -55,4 +58,13 @@ def main(shapes=("7b.qkv", "7b.down", "70b.down"), ms=(1, 4, 16), budget=40):
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", nargs="+", default=["7b.qkv", "7b.down", "70b.down"])
+    p.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--budget", type=int, default=40, help="configs tried per (shape, M), sampled at random")
+    p.add_argument("--kind", choices=("gemv", "mma"), help="only this kernel")
+    a = p.parse_args()
+    KIND = a.kind
+    main(a.shapes, a.m, a.budget)

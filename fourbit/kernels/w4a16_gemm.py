@@ -140,7 +140,7 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-GEMV_MAX_M = 4  # up to this many rows the CUDA-core kernel wins (measured, see the module docstring)
+GEMV_MAX_M = 1  # the CUDA-core kernel wins at M = 1 only (H200: 1.0-1.14x bf16 vs 0.6x; at M = 4 it is 2x slower)
 
 
 def _config(m: int, n: int, k_tiles: int, sms: int):
