@@ -19,7 +19,7 @@ def candidates(m):
     if m <= 8:
         bm = triton.next_power_of_2(m)
         out += [("gemv", bm, bn, 1, split, warps, stages) for bn, split, warps, stages in itertools.product(
-            (32, 64, 128, 256), (4, 8, 16, 32), (1, 2, 4, 8), (1, 2, 3, 4))]
+            (64, 128, 256, 512), (8, 16, 32, 64), (1, 2, 4), (2, 3, 4))]
     bms = (16,) if m <= 16 else tuple(b for b in (64, 128) if b <= 2 * m)
     out += [("mma", bm, bn, t, split, warps, stages) for bm, bn, t, split, warps, stages in itertools.product(
         bms, (32, 64, 128, 256), (1, 2, 4), (1, 2, 4, 8) if m <= 64 else (1,), (4, 8), (2, 3, 4))]

@@ -56,8 +56,8 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, G
             (offs_n % 8)[:, None, None] * 16 + tl.arange(0, 16)[None, None, :]
         w_mask = n_ok[:, None, None] & t_ok[None, :, None]
         words = tl.load(qw_ptr + w_off, mask=w_mask, other=0)
-        codes = (words[:, :, :, None] >> shifts) & 0xF  # (BN, T, 16, 8)
-        codes = tl.reshape(codes, (BLOCK_N, T, 4, 4, 8)).to(tl.float32)  # (n, t, q, j, i)
+        codes = ((words[:, :, :, None] >> shifts) & 0xF) | 0x4B000000  # (BN, T, 16, 8): 2^23 + q as fp32 bits
+        codes = tl.reshape(codes, (BLOCK_N, T, 4, 4, 8)).to(tl.float32, bitcast=True) - 8388608.0  # (n, t, q, j, i)
         # group parameters per (n, t, j): (BN, T, 4)
         k_chunk = tiles[None, :, None] * 128 + 32 * j_grp[None, None, :]  # first k of each 32-wide chunk
         g_off = (k_chunk // GS) * N + offs_n[:, None, None]
@@ -118,14 +118,18 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
             z = tl.full((BLOCK_N, 4), 8.0, tl.float32)
         else:
             z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+        high = words >> 16  # nibbles 4..7 moved to bits 0..15 (the sign bits above are masked off below)
         for m in tl.static_range(BLOCK_M):
             dot = tl.zeros((BLOCK_N, 4, 4), dtype=tl.float32)
             xsum = tl.zeros((1, 4, 4), dtype=tl.float32)
             for i in tl.static_range(8):
                 k_i = kt * 128 + 32 * j3 + 16 * ((i % 4) // 2) + 8 * (i % 2) + 2 * q3 + i // 4  # (1, 4q, 4j)
                 x_i = tl.load(x_ptr + m * K + k_i, mask=(k_i < K) & (m < M), other=0.0).to(tl.float32)
-                dot += ((words >> (4 * i)) & 0xF).to(tl.float32) * x_i
                 xsum += x_i
+                # q·16^r as a float without a (slow) int-to-float convert: OR the masked nibble into the
+                # mantissa of 2^23 and subtract 2^23; X is scaled by 16^-r instead (exact, a power of two)
+                bits = ((words if i < 4 else high) & (0xF << (4 * (i % 4)))) | 0x4B000000
+                dot += (bits.to(tl.float32, bitcast=True) - 8388608.0) * (x_i * (1.0 / (1 << (4 * (i % 4)))))
             part = tl.sum(s * (tl.sum(dot, 1) - z * tl.sum(xsum, 1)), 1)  # (BN,)
             acc = tl.where(rows_m[:, None] == m, acc + part[None, :], acc)
 
