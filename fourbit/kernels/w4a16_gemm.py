@@ -9,12 +9,17 @@ k = 128·kc + 32·j + 16·((i % 4) // 2) + 8·(i % 2) + 2·q + i // 4   (formats
 So a [BLOCK_N, 16·T] block of words unpacks to a [BLOCK_N, 128·T] weight block whose columns are a fixed
 permutation of k; the kernel loads X's columns in the same permuted order instead of moving the weights.
 
-Version 1 (this file): dequantize in fp32 registers, `tl.dot` with the weight as the B operand (Triton stages
-it through shared memory), split-K with fp32 atomics for small M. Configs by M below; no autotuning yet.
-Measured on an H200 (2026-11-21, benchmarks/results/h200-w4a16.md): correct, but 0.4-0.6x cuBLAS bf16 at
-M <= 16 and 0.05-0.07x at M >= 256, far from the targets: this is the baseline the Gluon kernel must beat.
-Tried and dropped: unpacking through 2-D tensors only (each unpacked column re-reading its word, so no
-reshape moves registers) ran 5-10x slower still: the 8x load instructions cost more than the reshapes.
+Two kernels, chosen by M (`_config`):
+- M = 1: `_w4a16_gemv_kernel`, CUDA cores, no shared memory; group scale and zero applied once per 32-wide chunk.
+- M > 1: `_w4a16_kernel`, dequantize in fp32 registers, `tl.dot` with the weight as the B operand (Triton stages
+  it through shared memory: the round trip QUICK removes is still here), split-K with fp32 atomics for small M.
+Both turn codes into floats with the 2^23 mantissa trick (Hopper's int-to-float converts are slow).
+
+Measured on an H200 (2026-11-21, benchmarks/results/h200-w4a16.md): correct, 1.1-1.4x cuBLAS bf16 at M = 1,
+0.5-0.7x at M = 2..16 and 0.05-0.07x at M >= 256: far from the targets of the W4A16 issue. ncu on the GEMV
+(70B down_proj): 228 registers, 12.5% occupancy, 25% of DRAM bandwidth, SM 57% busy, ~7 instructions per weight.
+Tried and dropped: unpacking through 2-D tensors only (each unpacked column re-reading its word) ran 5-10x
+slower; the GEMV with an M loop inside ran 2x slower than the tl.dot kernel at M = 4.
 """
 from __future__ import annotations
 
@@ -149,17 +154,18 @@ GEMV_MAX_M = 1  # the CUDA-core kernel wins at M = 1 only (H200: 1.0-1.14x bf16 
 
 def _config(m: int, n: int, k_tiles: int, sms: int):
     """("gemv", BLOCK_M, BLOCK_N, 1, split_k, num_warps, num_stages) or ("mma", BLOCK_M, BLOCK_N, T, ...)."""
-    if m <= GEMV_MAX_M:
-        kind, block_m, block_n, t, warps = "gemv", triton.next_power_of_2(m), 64, 1, 4
+    # Picked from benchmarks/tune_w4a16.py sweeps on an H200 (2026-11-21, Llama 7B/70B layer shapes).
+    if m <= GEMV_MAX_M:  # one warp per program holding many words in flight; ~8 programs per SM
+        kind, block_m, block_n, t, warps, per_sm = "gemv", 1, 128, 1, 1, 8
     elif m <= 16:
-        kind, block_m, block_n, t, warps = "mma", 16, 64, 2, 4
+        kind, block_m, block_n, t, warps, per_sm = "mma", 16, 128, 1, 4, 4
     elif m <= 64:
-        kind, block_m, block_n, t, warps = "mma", 64, 64, 1, 4
+        kind, block_m, block_n, t, warps, per_sm = "mma", 64, 64, 1, 4, 4
     else:
-        kind, block_m, block_n, t, warps = "mma", 128, 128, 1, 8
+        kind, block_m, block_n, t, warps, per_sm = "mma", 128, 128, 1, 8, 4
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    # small grids leave SMs idle: split K until about four programs per SM (each split >= T tiles)
-    split = max(1, min(4 * sms // max(tiles, 1), k_tiles // t))
+    # small grids leave SMs idle: split K until about per_sm programs per SM (each split >= T tiles)
+    split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles // t))
     return kind, block_m, block_n, t, split, warps, 3
 
 
