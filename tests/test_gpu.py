@@ -73,4 +73,6 @@ def test_w4a16_layer_in_cuda_graph():
         out = layer(x)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    assert torch.equal(out, layer(x)) and not torch.equal(out, eager)
+    again = layer(x).float()  # split-K adds partial sums atomically: equal up to summation order
+    assert float((out.float() - again).norm() / again.norm()) < 1e-3
+    assert not torch.allclose(out, eager)  # the replay really computed the new input
