@@ -7,7 +7,8 @@ Reading the layout tile by tile: for one 128-wide k tile kc, output channel n ow
 qweight[n // 8, 128·kc + 16·(n % 8) + (4q + j)], q, j in 0..3, and nibble i of word (q, j) holds
 k = 128·kc + 32·j + 16·((i % 4) // 2) + 8·(i % 2) + 2·q + i // 4   (formats/quick.py, with ORDER inverted).
 So a [BLOCK_N, 16·T] block of words unpacks to a [BLOCK_N, 128·T] weight block whose columns are a fixed
-permutation of k; the kernel loads X's columns in the same permuted order instead of moving the weights.
+permutation of k; X's columns are put in the same order (permute_x, one gather per call) instead of moving
+the weights, and the GEMV reads X in that order directly.
 
 Two kernels, chosen by M (`_config`):
 - M = 1: `_w4a16_gemv_kernel`, CUDA cores, no shared memory; group scale and zero applied once per 32-wide chunk.
@@ -40,14 +41,7 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, G
     n_ok = offs_n < N
     kt_total = KP // 128
 
-    # word (t, w) of a row -> its 8 nibbles' k offsets inside the tile t: (T, 16, 8) -> flattened (T*128,)
-    t_idx = tl.arange(0, T)[:, None, None]
-    w_idx = tl.arange(0, 16)[None, :, None]  # w = 4q + j
-    i_idx = tl.arange(0, 8)[None, None, :]
-    q, j = w_idx // 4, w_idx % 4
-    k_in = 32 * j + 16 * ((i_idx % 4) // 2) + 8 * (i_idx % 2) + 2 * q + i_idx // 4  # (1, 16, 8)
-    k_slot = tl.reshape(128 * t_idx + k_in, (T * 128,))  # permuted k of each weight column, within the step
-    shifts = tl.reshape(4 * i_idx, (1, 1, 1, 8))
+    shifts = tl.reshape(4 * tl.arange(0, 8), (1, 1, 1, 8))
     j_grp = tl.arange(0, 4)  # the 32-wide k chunk of a word: scales are per chunk (group size >= 32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -74,10 +68,10 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, G
             z = tl.load(z_ptr + g_off, mask=g_mask, other=0).to(tl.float32)
             w = (codes - z[:, :, None, :, None]) * s[:, :, None, :, None]
         w = tl.reshape(w, (BLOCK_N, T * 128)).to(x_ptr.dtype.element_ty)
-        # X columns in the same permuted order (zero beyond K: the padding codes never count)
-        k_abs = kt * 128 + k_slot  # (T*128,)
-        x_mask = (offs_m[:, None] < M) & (k_abs[None, :] < K) & (k_abs[None, :] < kt_end * 128)
-        x = tl.load(x_ptr + offs_m[:, None] * K + k_abs[None, :], mask=x_mask, other=0.0)
+        # X arrives with its columns already in the layout's k order and zero-padded to KP (see permute_x)
+        cols = kt * 128 + tl.arange(0, T * 128)
+        x_mask = (offs_m[:, None] < M) & (cols[None, :] < kt_end * 128)
+        x = tl.load(x_ptr + offs_m[:, None] * KP + cols[None, :], mask=x_mask, other=0.0)
         acc += tl.dot(x, tl.trans(w))
 
     out_mask = (offs_m[:, None] < M) & n_ok[None, :]
@@ -169,6 +163,19 @@ def _config(m: int, n: int, k_tiles: int, sms: int):
     return kind, block_m, block_n, t, split, warps, 3
 
 
+def permute_x(x, kp: int):
+    """X (M, K) -> (M, Kp): zero-padded, columns in the order the quick layout's words unpack to.
+
+    Column 128·t + 8·(4q + j) + i takes k = 128·t + 32·j + 16·((i % 4) // 2) + 8·(i % 2) + 2·q + i // 4.
+    One gather per call lets the tensor-core kernel load X rows contiguously instead of element by element.
+    """
+    s = torch.arange(128, device=x.device)
+    w, i = s // 8, s % 8
+    k_in = 32 * (w % 4) + 16 * ((i % 4) // 2) + 8 * (i % 2) + 2 * (w // 4) + i // 4  # (128,)
+    index = (torch.arange(0, kp, 128, device=x.device)[:, None] + k_in).flatten()  # (Kp,)
+    return torch.nn.functional.pad(x, (0, kp - x.shape[1])).index_select(1, index)
+
+
 def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
     """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias) on the GPU (or under TRITON_INTERPRET=1). See the module doc.
 
@@ -194,5 +201,6 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
             raise ValueError(f"the gemv kernel covers at most BLOCK_M={block_m} rows, got M={m}")
         _w4a16_gemv_kernel[(triton.cdiv(n, block_n), split)](*args, **flags)
     else:
+        args = (permute_x(x, kp),) + args[1:]
         _w4a16_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)](*args, T=t, **flags)
     return out.to(x.dtype) if atomic else out
