@@ -268,14 +268,16 @@ class CLIJobs:
         self.tmp = tmp_path_factory
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="fourbit-cli")
         order = sorted(names, key=lambda n: -JOBS[n][2])  # longest first: the shortest makespan
-        self.futures = {n: self.pool.submit(self._run, n) for n in order}
+        self.futures = {n: self._submit(n) for n in order}
 
-    def _run(self, name):
-        return JOBS[name][0](self.tmp.mktemp(name.replace(":", "_")))
+    def _submit(self, name):
+        # the folder is made here, on the main thread: pytest's TempPathFactory is not thread-safe
+        folder = self.tmp.mktemp(name.replace(":", "_"))
+        return self.pool.submit(JOBS[name][0], folder)
 
     def __getitem__(self, name):
         if name not in self.futures:
-            self.futures[name] = self.pool.submit(self._run, name)
+            self.futures[name] = self._submit(name)
         return self.futures[name].result()
 
     def close(self):
