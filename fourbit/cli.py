@@ -80,7 +80,7 @@ def _device(arg):
 
 
 def load_for_cli(args):
-    """(model, device) for the model flags: load, then quantize when --scheme w4a16 asks for it."""
+    """The model the flags describe: loaded, then quantized when --scheme w4a16 asks for it."""
     import torch
 
     from . import api

@@ -33,6 +33,21 @@ from ..formats.quick import K_TILE
 
 
 @triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, pid_k, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """acc (BM, BN) fp32 -> Y: bias once (from the first K split), then an atomic add or a plain store."""
+    n_ok = offs_n < N
+    out_mask = (offs_m[:, None] < M) & n_ok[None, :]
+    out_off = offs_m[:, None] * N + offs_n[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptr + out_off, acc, mask=out_mask)
+    else:
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, GS, TILES_PER_SPLIT,
                   SYM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
@@ -75,15 +90,7 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, G
         x = tl.load(x_ptr + offs_m[:, None] * KP + cols[None, :], mask=x_mask, other=0.0)
         acc += tl.dot(x, tl.trans(w))
 
-    out_mask = (offs_m[:, None] < M) & n_ok[None, :]
-    out_off = offs_m[:, None] * N + offs_n[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptr + out_off, acc, mask=out_mask)
-    else:
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, pid_k, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
@@ -133,15 +140,7 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
             part = tl.sum(s * (tl.sum(dot, 1) - z * tl.sum(xsum, 1)), 1)  # (BN,)
             acc = tl.where(rows_m[:, None] == m, acc + part[None, :], acc)
 
-    out_mask = (rows_m[:, None] < M) & n_ok[None, :]
-    out_off = rows_m[:, None] * N + offs_n[None, :]
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptr + out_off, acc, mask=out_mask)
-    else:
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _epilogue(acc, rows_m, offs_n, M, N, bias_ptr, out_ptr, pid_k, HAS_BIAS, ATOMIC)
 
 
 GEMV_MAX_M = 1  # the CUDA-core kernel wins at M = 1 only (H200: 1.0-1.14x bf16 vs 0.6x; at M = 4 it is 2x slower)
