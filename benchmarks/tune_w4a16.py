@@ -16,9 +16,8 @@ from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
 def candidates(m):
     """Configs worth trying at M rows, in the tuple form kernels/w4a16_gemm._config returns."""
     out = []
-    if m <= 8:
-        bm = triton.next_power_of_2(m)
-        out += [("gemv", bm, bn, 1, split, warps, stages) for bn, split, warps, stages in itertools.product(
+    if m == 1:
+        out += [("gemv", 1, bn, 1, split, warps, stages) for bn, split, warps, stages in itertools.product(
             (64, 128, 256, 512), (8, 16, 32, 64), (1, 2, 4), (2, 3, 4))]
     bms = (16,) if m <= 16 else tuple(b for b in (64, 128) if b <= 2 * m)
     out += [("mma", bm, bn, t, split, warps, stages) for bm, bn, t, split, warps, stages in itertools.product(

@@ -97,11 +97,11 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, G
 def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, GS, TILES_PER_SPLIT,
                        SYM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Small M on CUDA cores, one 128-wide k tile per step, no tensor cores and no shared memory.
+    """One row of X (M = 1) on CUDA cores, one 128-wide k tile per step, no tensor cores, no shared memory.
 
     Words stay 3-D (n, q, j) in the layout they were loaded in; the 8 nibbles are taken one at a time, each
     multiplied by the X values it stands for. Group parameters apply once per (n, 32-wide chunk j):
-    y[m, n] += s[g, n] · (Σ q·x − z[g, n] · Σ x) over the chunk, so the inner loop is shift, mask, convert, FMA.
+    y[n] += s[g, n] · (Σ q·x − z[g, n] · Σ x) over the chunk.
     """
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,13 +110,13 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
     j3 = tl.arange(0, 4)[None, None, :]
     j2 = tl.arange(0, 4)[None, :]
     row = ((offs_n // 8) * KP + (offs_n % 8) * 16)[:, None, None] + 4 * q3 + j3  # (BN, 4q, 4j) word offsets
-    rows_m = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     kt_total = KP // 128
     kt_start = pid_k * TILES_PER_SPLIT
     kt_end = tl.minimum(kt_start + TILES_PER_SPLIT, kt_total)
     for kt in range(kt_start, kt_end):
         words = tl.load(qw_ptr + row + kt * 128, mask=n_ok[:, None, None], other=0)  # (BN, 4, 4)
+        high = words >> 16  # nibbles 4..7 moved to bits 0..15 (the sign bits above are masked off below)
         chunk = kt * 128 + 32 * j2  # (1, 4j): first k of each chunk
         g_off = (chunk // GS) * N + offs_n[:, None]
         g_ok = n_ok[:, None] & (chunk < K)
@@ -125,25 +125,22 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
             z = tl.full((BLOCK_N, 4), 8.0, tl.float32)
         else:
             z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-        high = words >> 16  # nibbles 4..7 moved to bits 0..15 (the sign bits above are masked off below)
-        for m in tl.static_range(BLOCK_M):
-            dot = tl.zeros((BLOCK_N, 4, 4), dtype=tl.float32)
-            xsum = tl.zeros((1, 4, 4), dtype=tl.float32)
-            for i in tl.static_range(8):
-                k_i = kt * 128 + 32 * j3 + 16 * ((i % 4) // 2) + 8 * (i % 2) + 2 * q3 + i // 4  # (1, 4q, 4j)
-                x_i = tl.load(x_ptr + m * K + k_i, mask=(k_i < K) & (m < M), other=0.0).to(tl.float32)
-                xsum += x_i
-                # q·16^r as a float without a (slow) int-to-float convert: OR the masked nibble into the
-                # mantissa of 2^23 and subtract 2^23; X is scaled by 16^-r instead (exact, a power of two)
-                bits = ((words if i < 4 else high) & (0xF << (4 * (i % 4)))) | 0x4B000000
-                dot += (bits.to(tl.float32, bitcast=True) - 8388608.0) * (x_i * (1.0 / (1 << (4 * (i % 4)))))
-            part = tl.sum(s * (tl.sum(dot, 1) - z * tl.sum(xsum, 1)), 1)  # (BN,)
-            acc = tl.where(rows_m[:, None] == m, acc + part[None, :], acc)
+        dot = tl.zeros((BLOCK_N, 4, 4), dtype=tl.float32)
+        xsum = tl.zeros((1, 4, 4), dtype=tl.float32)
+        for i in tl.static_range(8):
+            k_i = kt * 128 + 32 * j3 + 16 * ((i % 4) // 2) + 8 * (i % 2) + 2 * q3 + i // 4  # (1, 4q, 4j)
+            x_i = tl.load(x_ptr + k_i, mask=k_i < K, other=0.0).to(tl.float32)
+            xsum += x_i
+            # q·16^r as a float without a (slow) int-to-float convert: OR the masked nibble into the
+            # mantissa of 2^23 and subtract 2^23; X is scaled by 16^-r instead (exact, a power of two)
+            bits = ((words if i < 4 else high) & (0xF << (4 * (i % 4)))) | 0x4B000000
+            dot += (bits.to(tl.float32, bitcast=True) - 8388608.0) * (x_i * (1.0 / (1 << (4 * (i % 4)))))
+        acc += tl.sum(s * (tl.sum(dot, 1) - z * tl.sum(xsum, 1)), 1)  # (BN,)
 
-    _epilogue(acc, rows_m, offs_n, M, N, bias_ptr, out_ptr, pid_k, HAS_BIAS, ATOMIC)
+    _epilogue(acc[None, :], tl.arange(0, BLOCK_M), offs_n, M, N, bias_ptr, out_ptr, pid_k, HAS_BIAS, ATOMIC)
 
 
-GEMV_MAX_M = 1  # the CUDA-core kernel wins at M = 1 only (H200: 1.0-1.14x bf16 vs 0.6x; at M = 4 it is 2x slower)
+GEMV_MAX_M = 1  # the CUDA-core kernel wins at M = 1 only (H200: 1.2-1.4x bf16; an M loop was 2x slower at M = 4)
 
 
 def _config(m: int, n: int, k_tiles: int, sms: int):
@@ -197,8 +194,8 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     flags = dict(SYM=zeros is None, HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n,
                  num_warps=warps, num_stages=stages)
     if kind == "gemv":
-        if m > block_m:
-            raise ValueError(f"the gemv kernel covers at most BLOCK_M={block_m} rows, got M={m}")
+        if m != 1:
+            raise ValueError(f"the gemv kernel takes one row of X, got M={m}")
         _w4a16_gemv_kernel[(triton.cdiv(n, block_n), split)](*args, **flags)
     else:
         args = (permute_x(x, kp),) + args[1:]
