@@ -76,3 +76,14 @@ def test_w4a16_layer_in_cuda_graph():
     again = layer(x).float()  # split-K adds partial sums atomically: equal up to summation order
     assert float((out.float() - again).norm() / again.norm()) < 1e-3
     assert not torch.allclose(out, eager)  # the replay really computed the new input
+
+
+def test_w4a16_layer_under_torch_compile():
+    """The custom op's fake implementation lets torch.compile trace the layer whole (fullgraph)."""
+    lin = torch.nn.Linear(1100, 1000, bias=True, device="cuda")
+    layer = fourbit.quantize(torch.nn.Sequential(lin), fourbit.W4A16Config(group_size=64), progress=False)[0]
+    compiled = torch.compile(layer, fullgraph=True)
+    for m in (1, 7, 300):
+        x = torch.randn(m, 1100, device="cuda", dtype=torch.bfloat16)
+        eager, out = layer(x).float(), compiled(x).float()
+        assert out.shape == (m, 1000) and float((out - eager).norm() / eager.norm()) < 1e-3

@@ -13,6 +13,8 @@ from torch import nn
 
 from .. import ops
 from ..config import W4A16Config
+from ..errors import FourbitError
+from ..formats.awq import unpack_awq
 from ..formats.quick import pack_quick
 from ..formats.uint4 import group_length
 from ..kernels.ref import w4a16_dequant_ref
@@ -45,6 +47,19 @@ class W4A16Linear(nn.Module):
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
+
+    @classmethod
+    def from_awq(cls, qweight, qzeros, scales, group_size: int, bias=None) -> "W4A16Linear":
+        """Exact conversion of AutoAWQ "GEMM" tensors (formats/awq.py): the dequantized weights are bit-equal.
+
+        qweight int32 [K, N/8], qzeros int32 [K/g, N/8], scales fp16 [K/g, N]; group_size g (-1: one group).
+        """
+        codes, s, z = unpack_awq(qweight, qzeros, scales)  # (N, K), (N, G), (N, G)
+        k, groups = codes.shape[1], s.shape[1]
+        if (group_size == -1 and groups != 1) or (group_size != -1 and groups * group_size != k):
+            raise FourbitError(f"AWQ tensors hold {groups} groups for in_features={k}, which does not match "
+                               f"group_size={group_size}: pass the checkpoint's q_group_size")
+        return cls.from_codes(codes, s, z, group_size, k, bias)
 
     def dequantize(self) -> torch.Tensor:
         """The weight these codes stand for, float32 (N, K)."""
