@@ -116,7 +116,6 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
     kt_end = tl.minimum(kt_start + TILES_PER_SPLIT, kt_total)
     for kt in range(kt_start, kt_end):
         words = tl.load(qw_ptr + row + kt * 128, mask=n_ok[:, None, None], other=0)  # (BN, 4, 4)
-        high = words >> 16  # nibbles 4..7 moved to bits 0..15 (the sign bits above are masked off below)
         chunk = kt * 128 + 32 * j2  # (1, 4j): first k of each chunk
         g_off = (chunk // GS) * N + offs_n[:, None]
         g_ok = n_ok[:, None] & (chunk < K)
@@ -133,7 +132,8 @@ def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
             xsum += x_i
             # q·16^r as a float without a (slow) int-to-float convert: OR the masked nibble into the
             # mantissa of 2^23 and subtract 2^23; X is scaled by 16^-r instead (exact, a power of two)
-            bits = ((words if i < 4 else high) & (0xF << (4 * (i % 4)))) | 0x4B000000
+            # nibbles 4..7 are shifted down first (shifting per use keeps a second word tile out of registers)
+            bits = ((words if i < 4 else words >> 16) & (0xF << (4 * (i % 4)))) | 0x4B000000
             dot += (bits.to(tl.float32, bitcast=True) - 8388608.0) * (x_i * (1.0 / (1 << (4 * (i % 4)))))
         acc += tl.sum(s * (tl.sum(dot, 1) - z * tl.sum(xsum, 1)), 1)  # (BN,)
 
