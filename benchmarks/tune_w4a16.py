@@ -1,14 +1,13 @@
 """Sweep the Triton W4A16 kernel's configs on a few shapes and batch sizes; prints the best per (shape, M).
 
-python benchmarks/tune_w4a16.py   (GPU). Weights rotate beyond L2 as in fourbit bench gemm.
+python benchmarks/tune_w4a16.py   (GPU). Weights rotate beyond L2 and calls are timed
+as CUDA graphs, as in fourbit bench gemm.
 """
 import itertools
 
 import torch
-import triton
-from triton.testing import do_bench
 
-from fourbit.bench import SHAPES, _rotating
+from fourbit.bench import SHAPES, _copies, gpu_ms
 from fourbit.formats.uint4 import quantize_groups
 from fourbit.kernels.w4a16_gemm import w4a16_gemm
 from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
@@ -33,19 +32,19 @@ def main(shapes=("7b.qkv", "7b.down", "70b.down"), ms=(1, 4, 16), budget=40):
         n, k = SHAPES[shape]
         codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 128, False, SCALE_DTYPE)
         layer = W4A16Linear.from_codes(codes, scales, zeros, 128, k)
-        nxt = _rotating(lambda: (layer.qweight.clone(), layer.scales.clone(), layer.zeros.clone()), n * k // 2)
+        copies = _copies(lambda: layer.qweight.clone(), n * k // 2)
+        dense = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 2 * n * k)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            base = do_bench(lambda: x @ dense.t(), return_mode="median")
+            base = gpu_ms(lambda x, d: x @ d.t(), dense, x)
             pool = [c for c in candidates(m) if KIND is None or c[0] == KIND]
             torch.manual_seed(m)
             pool = [pool[i] for i in torch.randperm(len(pool))[:budget].tolist()]
             results = []
             for cfg in pool:
                 try:
-                    t = do_bench(lambda: w4a16_gemm(x, *nxt()[:1], layer.scales, layer.zeros, 128, n, k, config=cfg),
-                                 warmup=5, rep=30, return_mode="median")
+                    t = gpu_ms(lambda x, q: w4a16_gemm(x, q, layer.scales, layer.zeros, 128, n, k, config=cfg),
+                               copies, x)
                 except Exception:  # out of shared memory / registers: skip the config
                     continue
                 results.append((t, cfg))

@@ -3,8 +3,9 @@
 Every method multiplies the same X (M, K) by a weight of Llama layer shape (N, K). Weights are rotated over
 enough copies that the working set exceeds L2, so each call reads its weight from HBM as in a real decode step.
 Each method is timed as a CUDA graph of back-to-back calls (do_bench median of the replays, divided by the
-calls), so host launch overhead, which a serving engine's captured decode step does not pay, is left out. The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate),
-both measured here, with bytes = packed weights + scales + X + Y moved once.
+calls), so host launch overhead, which a serving engine's captured decode step does not pay, is left out.
+The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate), both measured here, with
+bytes = packed weights + scales + X + Y moved once.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .formats.uint4 import quantize_groups
+from .graphs import capture
 from .nn.linear import SCALE_DTYPE, W4A16Linear
 
 SHAPES = {  # name: (N, K)
@@ -26,35 +28,18 @@ M_VALUES = (1, 16, 32, 64, 128, 256, 512, 1024, 4096)
 L2_BYTES = 50 * 2**20
 
 
-def _rotating(make, nbytes: int):
+def _copies(make, nbytes: int) -> list:
     """Enough copies of an operand that cycling through them overflows L2 three times over."""
-    copies = max(1, -(-3 * L2_BYTES // max(nbytes, 1)))
-    items = [make() for _ in range(copies)]
-    state = {"i": 0}
-
-    def next_item():
-        state["i"] = (state["i"] + 1) % copies
-        return items[state["i"]]
-    next_item.copies = copies
-    return next_item
+    return [make() for _ in range(max(1, -(-3 * L2_BYTES // max(nbytes, 1))))]
 
 
-def _gpu_ms(call, x, reps: int) -> float:
-    """Median ms of one call, timed as a CUDA graph of `reps` back-to-back calls: GPU time without the host's
-    launch overhead, as in a serving engine's captured decode step. reps covers every rotated weight copy."""
+def gpu_ms(fn, items: list, x) -> float:
+    """Median ms of fn(x, item), timed as one CUDA graph calling it once per item (each rotated weight copy):
+    GPU time without the host's launch overhead, as in a serving engine's captured decode step."""
     from triton.testing import do_bench
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        for _ in range(reps):
-            call(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            call(x)
-    return do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / reps
+    graph = capture(lambda: [fn(x, item) for item in items])
+    return do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / len(items)
 
 
 def _ceilings() -> tuple[float, float]:
@@ -70,66 +55,40 @@ def _ceilings() -> tuple[float, float]:
 
 
 def _methods(n: int, k: int, group_size: int):
-    """{name: (prepare(x) -> call, weight bytes)}; a method that this torch cannot run is left out."""
+    """{name: (fn(x, weight), rotated weight copies, weight bytes)}; a method this torch cannot run is left out."""
+    from . import ops
+
     w = torch.randn(n, k, device="cuda") * 0.02
     codes, scales, zeros = quantize_groups(w, group_size, False, SCALE_DTYPE)
     layer = W4A16Linear.from_codes(codes, scales, zeros, group_size, k)
     q_bytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros))
-    methods = {}
-    from . import ops
-
-    def ours():
-        nxt = _rotating(lambda: (layer.qweight.clone(), layer.scales.clone(), layer.zeros.clone()), q_bytes)
-
-        def call(x):
-            qweight, s, z = nxt()
-            return ops.w4a16_gemm(x, qweight, s, z, group_size, n, k)
-        call.copies = nxt.copies
-        return call
-    methods["fourbit w4a16"] = (ours, q_bytes)
+    methods = {"fourbit w4a16": (
+        lambda x, p: ops.w4a16_gemm(x, *p, group_size, n, k),
+        _copies(lambda: (layer.qweight.clone(), layer.scales.clone(), layer.zeros.clone()), q_bytes), q_bytes)}
     for name, dtype in (("cuBLAS bf16", torch.bfloat16), ("cuBLAS fp16", torch.float16)):
-        def dense(dtype=dtype):
-            nxt = _rotating(lambda: w.to(dtype), 2 * n * k)
-
-            def call(x):
-                return x.to(dtype) @ nxt().t()
-            call.copies = nxt.copies
-            return call
-        methods[name] = (dense, 2 * n * k)
+        methods[name] = (lambda x, wd: x.to(wd.dtype) @ wd.t(), _copies(lambda: w.to(dtype), 2 * n * k), 2 * n * k)
     try:  # torch's int4 "tinygemm" (bf16, groups of 128 along K)
         wq = codes[:, :k].to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack((wq[:, ::2] << 4 | wq[:, 1::2]).to(torch.uint8), 8)
         sz = torch.stack([scales.t().to(torch.bfloat16),
                           ((8 - zeros.t().float()) * scales.t().float()).to(torch.bfloat16)], -1).contiguous()
-        torch.ops.aten._weight_int4pack_mm(torch.randn(1, k, device="cuda", dtype=torch.bfloat16), packed, 128, sz)
-
-        def tinygemm():
-            nxt = _rotating(lambda: (packed.clone(), sz.clone()), n * k // 2)
-
-            def call(x):
-                w4, scales_zeros = nxt()
-                return torch.ops.aten._weight_int4pack_mm(x, w4, 128, scales_zeros)
-            call.copies = nxt.copies
-            return call
-        methods["torch int4 tinygemm"] = (tinygemm, n * k // 2)
+        tinygemm = lambda x, p: torch.ops.aten._weight_int4pack_mm(x, p[0], 128, p[1])  # noqa: E731
+        tinygemm(torch.randn(1, k, device="cuda", dtype=torch.bfloat16), (packed, sz))
+        methods["torch int4 tinygemm"] = (tinygemm, _copies(lambda: (packed.clone(), sz.clone()), n * k // 2),
+                                          n * k // 2)
     except (RuntimeError, AttributeError):
         pass
     try:  # FP8 e4m3 W8A8 with rowwise scales (activations quantized per call, as a real layer must)
         w8 = w.to(torch.float8_e4m3fn)
         sw = torch.ones(1, n, device="cuda")
 
-        def fp8():
-            nxt = _rotating(lambda: w8.clone(), n * k)
-
-            def call(x):
-                x = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % 16))  # cuBLASLt fp8 wants M % 16 == 0
-                sx = x.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / 448
-                return torch._scaled_mm((x / sx).to(torch.float8_e4m3fn), nxt().t(), scale_a=sx, scale_b=sw,
-                                        out_dtype=torch.bfloat16)
-            call.copies = nxt.copies
-            return call
-        fp8()(torch.randn(16, k, device="cuda", dtype=torch.bfloat16))
-        methods["FP8 rowwise"] = (fp8, n * k)
+        def fp8(x, w8):
+            x = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % 16))  # cuBLASLt fp8 wants M % 16 == 0
+            sx = x.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / 448
+            return torch._scaled_mm((x / sx).to(torch.float8_e4m3fn), w8.t(), scale_a=sx, scale_b=sw,
+                                    out_dtype=torch.bfloat16)
+        fp8(torch.randn(16, k, device="cuda", dtype=torch.bfloat16), w8)
+        methods["FP8 rowwise"] = (fp8, _copies(lambda: w8.clone(), n * k), n * k)
     except (RuntimeError, AttributeError):
         pass
     return methods
@@ -144,13 +103,10 @@ def run_gemm_bench(shapes=None, m_values=M_VALUES, group_size: int = 128, out_di
     for shape in shapes or SHAPES:
         n, k = SHAPES[shape]
         methods = _methods(n, k, group_size)
-        calls = {name: make() for name, (make, _) in methods.items()}
         for m in m_values:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            times = {}
-            for name, call in calls.items():
-                times[name] = _gpu_ms(call, x, call.copies)
-            nbytes = methods["fourbit w4a16"][1] + 2 * m * (k + n)
+            times = {name: gpu_ms(fn, items, x) for name, (fn, items, _) in methods.items()}
+            nbytes = methods["fourbit w4a16"][2] + 2 * m * (k + n)
             floor_ms = 1e3 * max(nbytes / bandwidth, 2 * m * n * k / flops_rate)
             base = times["cuBLAS bf16"]
             rows.append({"shape": shape, "N": n, "K": k, "M": m, "ms": times, "floor_ms": floor_ms,

@@ -13,6 +13,7 @@ import torch
 
 from .api import quantize
 from .config import W4A16Config
+from .graphs import capture
 from .models.loader import dummy_model
 
 CONTEXT = 128  # tokens already in the KV cache when the decode step is timed
@@ -41,14 +42,7 @@ def time_decode_step(model, steps: int = 20) -> dict:
     from triton.testing import do_bench
 
     eager = do_bench(step, warmup=25, rep=200, return_mode="median")
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):  # warm up off the default stream before capture, as CUDA graphs require
-        step()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step, dev)
     return {"eager": eager, "graph": do_bench(graph.replay, warmup=25, rep=200, return_mode="median")}
 
 

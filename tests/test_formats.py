@@ -194,3 +194,20 @@ def test_quick_words_are_mma_b_fragments():
                 k0 = 32 * j + 16 * f + 8 * h + 2 * (lane % 4)
                 assert pair & 0xF == codes[lane // 4, k0] and pair >> 16 == codes[lane // 4, k0 + 1]
     assert AWQ_ORDER == ORDER  # same interleave, for the same magic-number dequant
+
+
+def test_interleave_k_follows_the_unpack_order():
+    # written from the layout definition: column 128 kc + 8 (4q + j) + i of the interleaved X holds k =
+    # 128 kc + 32 j + 16 f + 8 h + 2 q + b, where nibble i holds element e = ORDER[i] = 4 f + 2 h + b
+    from fourbit.formats.quick import ORDER, interleave_k
+
+    k = 300
+    x = torch.arange(1, k + 1, dtype=torch.float64)[None, :].repeat(2, 1)  # value = k + 1, 0 = padding
+    got = interleave_k(x)
+    assert got.shape == (2, 384)
+    for col in range(384):
+        kc, w, i = col // 128, (col % 128) // 8, col % 8
+        q, j = w // 4, w % 4
+        f, h, b = ORDER[i] // 4, (ORDER[i] // 2) % 2, ORDER[i] % 2
+        kk = 128 * kc + 32 * j + 16 * f + 8 * h + 2 * q + b
+        assert got[0, col] == (kk + 1 if kk < k else 0), col

@@ -9,6 +9,7 @@ import torch
 import fourbit
 from fourbit import ops
 from fourbit.formats.uint4 import quantize_groups
+from fourbit.graphs import capture
 from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -63,14 +64,9 @@ def test_w4a16_layer_in_cuda_graph():
     layer = fourbit.quantize(torch.nn.Sequential(lin), fourbit.W4A16Config(group_size=64), progress=False)[0]
     x = torch.randn(16, 1100, device="cuda", dtype=torch.bfloat16)
     eager = layer(x)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        layer(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer(x)
+    outs = []
+    graph = capture(lambda: outs.append(layer(x)))
+    out = outs[-1]  # the tensor the graph writes
     x.copy_(torch.randn_like(x))
     graph.replay()
     again = layer(x).float()  # split-K adds partial sums atomically: equal up to summation order

@@ -60,3 +60,16 @@ def unpack_quick(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
     c = e.reshape(nt, kc, 8, 4, 4, 2, 2, 2)  # (nt, kc, nl, q, j, f, h, b)
     c = c.permute(0, 2, 1, 4, 5, 6, 3, 7)  # (nt, nl, kc, j, f, h, q, b)
     return c.reshape(nt * N_TILE, kp)[:n, :k].contiguous()
+
+
+def interleave_k(x: torch.Tensor) -> torch.Tensor:
+    """Activations (M, K) -> (M, Kp), zero-padded, with columns in the order a row's words unpack to.
+
+    Within each 128-wide tile, output channel n's 16 words are w = 4q + j and nibble i of a word is
+    i = 4b + 2f + h (ORDER inverted), so column 8w + i holds k = 32j + 16f + 8h + 2q + b. A kernel that unpacks
+    the words in storage order multiplies them by these columns and never moves the weights.
+    """
+    xp = pad_to(x, 1, K_TILE)
+    m, kp = xp.shape
+    xp = xp.reshape(m, kp // K_TILE, 4, 2, 2, 4, 2)  # (m, kc, j, f, h, q, b)
+    return xp.permute(0, 1, 5, 2, 6, 3, 4).reshape(m, kp)  # (m, kc, q, j, b, f, h)

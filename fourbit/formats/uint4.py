@@ -10,7 +10,8 @@ and, when asymmetric, a uint4 zero z; each weight gets a uint4 code q in 0..15 w
 The asymmetric range is widened to include 0 so that z always fits in 0..15: then nothing is clipped and
 |W - (q - z) * s| <= s / 2 in both modes, and zero weights come back as exactly zero. (With the group's bare
 min/max, a group of all-positive weights would need z < 0, and clamping it would clip the whole group.)
-A group whose scale would be 0 (all zeros) gets s = 1, so codes are finite and dequantize to exact zeros.
+A group whose scale would be 0 (all zeros) gets s = 1 (the smallest normal value when scales are stored in
+fp16), so codes are finite and dequantize to exact zeros.
 
 group_size = -1 means one group per row (G = 1). When K is not a multiple of group_size it is padded to
 Kp = G * group_size by repeating each row's last real column, so the last group's range is that of its real

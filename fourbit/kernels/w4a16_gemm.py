@@ -7,8 +7,8 @@ Reading the layout tile by tile: for one 128-wide k tile kc, output channel n ow
 qweight[n // 8, 128·kc + 16·(n % 8) + (4q + j)], q, j in 0..3, and nibble i of word (q, j) holds
 k = 128·kc + 32·j + 16·((i % 4) // 2) + 8·(i % 2) + 2·q + i // 4   (formats/quick.py, with ORDER inverted).
 So a [BLOCK_N, 16·T] block of words unpacks to a [BLOCK_N, 128·T] weight block whose columns are a fixed
-permutation of k; X's columns are put in the same order (permute_x, one gather per call) instead of moving
-the weights, and the GEMV reads X in that order directly.
+permutation of k; X's columns are put in the same order (formats/quick.interleave_k, one copy per call)
+instead of moving the weights, and the GEMV reads X in that order directly.
 
 Two kernels, chosen by M (`_config`):
 - M = 1: `_w4a16_gemv_kernel`, CUDA cores, no shared memory; group scale and zero applied once per 32-wide chunk.
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats.quick import K_TILE
+from ..formats.quick import K_TILE, interleave_k
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, G
             z = tl.load(z_ptr + g_off, mask=g_mask, other=0).to(tl.float32)
             w = (codes - z[:, :, None, :, None]) * s[:, :, None, :, None]
         w = tl.reshape(w, (BLOCK_N, T * 128)).to(x_ptr.dtype.element_ty)
-        # X arrives with its columns already in the layout's k order and zero-padded to KP (see permute_x)
+        # X arrives with its columns already in the layout's k order, zero-padded to KP (interleave_k)
         cols = kt * 128 + tl.arange(0, T * 128)
         x_mask = (offs_m[:, None] < M) & (cols[None, :] < kt_end * 128)
         x = tl.load(x_ptr + offs_m[:, None] * KP + cols[None, :], mask=x_mask, other=0.0)
@@ -160,19 +160,6 @@ def _config(m: int, n: int, k_tiles: int, sms: int):
     return kind, block_m, block_n, t, split, warps, 3
 
 
-def permute_x(x, kp: int):
-    """X (M, K) -> (M, Kp): zero-padded, columns in the order the quick layout's words unpack to.
-
-    Column 128·t + 8·(4q + j) + i takes k = 128·t + 32·j + 16·((i % 4) // 2) + 8·(i % 2) + 2·q + i // 4.
-    One gather per call lets the tensor-core kernel load X rows contiguously instead of element by element.
-    """
-    s = torch.arange(128, device=x.device)
-    w, i = s // 8, s % 8
-    k_in = 32 * (w % 4) + 16 * ((i % 4) // 2) + 8 * (i % 2) + 2 * (w // 4) + i // 4  # (128,)
-    index = (torch.arange(0, kp, 128, device=x.device)[:, None] + k_in).flatten()  # (Kp,)
-    return torch.nn.functional.pad(x, (0, kp - x.shape[1])).index_select(1, index)
-
-
 def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
     """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias) on the GPU (or under TRITON_INTERPRET=1). See the module doc.
 
@@ -198,6 +185,6 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
             raise ValueError(f"the gemv kernel takes one row of X, got M={m}")
         _w4a16_gemv_kernel[(triton.cdiv(n, block_n), split)](*args, **flags)
     else:
-        args = (permute_x(x, kp),) + args[1:]
+        args = (interleave_k(x),) + args[1:]
         _w4a16_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)](*args, T=t, **flags)
     return out.to(x.dtype) if atomic else out

@@ -1,0 +1,19 @@
+"""CUDA-graph capture, the one way the project records GPU work for replay."""
+from __future__ import annotations
+
+import torch
+
+
+def capture(fn, device=None) -> torch.cuda.CUDAGraph:
+    """Run fn once on a side stream (lazy initialization, kernel compilation and allocator growth stay out of
+    the graph, as capture requires), then record one call of fn; graph.replay() repeats it."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    return graph
