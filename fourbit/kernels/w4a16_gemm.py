@@ -16,8 +16,8 @@ Two kernels, chosen by M (`_config`):
   it through shared memory: the round trip QUICK removes is still here), split-K with fp32 atomics for small M.
 Both turn codes into floats with the 2^23 mantissa trick (Hopper's int-to-float converts are slow).
 
-Measured on an H200 (2026-11-21, benchmarks/results/h200-w4a16.md, CUDA-graph timing): correct, 1.2-1.4x
-cuBLAS bf16 at M = 1, 0.26-0.53x at M = 16..64 and 0.13-0.25x at M >= 128: far from the W4A16 issue's targets
+Measured on an H200 (2026-11-21, benchmarks/results/h200-w4a16.md, CUDA-graph timing): correct, 1.3-1.45x
+cuBLAS bf16 at M = 1, 0.41-0.65x at M = 16..64 and 0.15-0.32x at M >= 128: far from the W4A16 issue's targets
 (benchmarks/NOTES-w4a16.md has the versions tried). ncu on the GEMV
 (70B down_proj): 228 registers, 12.5% occupancy, 25% of DRAM bandwidth, SM 57% busy, ~7 instructions per weight.
 Tried and dropped: unpacking through 2-D tensors only (each unpacked column re-reading its word) ran 5-10x
