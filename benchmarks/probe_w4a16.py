@@ -1,42 +1,45 @@
-"""Diagnostics for the W4A16 tensor-core kernel on a GPU: registers, spills, shared memory and layout
-conversions of the compiled kernel per config (TTGIR written to OUT_DIR). For bandwidth and stalls use ncu.
+"""Offline sm_90 compile of the W4A16 mma kernel (no GPU needed: Triton ships ptxas and cuobjdump).
 
-python benchmarks/probe_w4a16.py OUT_DIR
+Per config: registers, stack, shared memory, and the SASS instruction mix of the kernel; with an OUT_DIR, the
+TTGIR, PTX and SASS of each config are written there. python benchmarks/probe_w4a16.py [OUT_DIR]
 """
-import re
 import sys
+from collections import Counter
 from pathlib import Path
 
-import torch
-import triton
+from fourbit.kernels.sass import compile_sm90
+from fourbit.kernels.w4a16_gemm import _w4a16_mma_kernel, _w4a16_wgmma_kernel
 
-from fourbit.formats.quick import interleave_k
-from fourbit.formats.uint4 import quantize_groups
-from fourbit.kernels import w4a16_gemm as mod
-from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
+CONFIGS = [  # (BLOCK_M, R, warps, post_scale, x_smem, group size, sym)
+    (8, 1, 4, True, False, 128, False), (8, 2, 4, True, False, 128, False), (8, 1, 4, True, False, 32, False),
+    (8, 1, 4, True, False, -1, True), (16, 1, 4, True, False, 128, False), (32, 1, 4, True, True, 128, False),
+    (64, 1, 4, True, True, 128, False), (128, 1, 4, False, True, 128, False),
+]
+WGMMA_CONFIGS = [(64, 1, 4, 128, False), (128, 1, 4, 128, False), (128, 1, 4, 32, False), (128, 1, 8, 128, False)]
 
 
-def main(out_dir):
-    out = Path(out_dir)
-    n, k = 12288, 4096
-    codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 128, False, SCALE_DTYPE)
-    layer = W4A16Linear.from_codes(codes, scales, zeros, 128, k)
-    for m, cfg in ((16, (16, 128, 1, 4, 4, 3)), (256, (128, 128, 1, 1, 8, 3))):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        bm, bn, t, split, warps, stages = cfg
-        y = torch.zeros(m, n, device="cuda")
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-        compiled = mod._w4a16_kernel[grid](interleave_k(x), layer.qweight, layer.scales, layer.zeros, layer.scales,
-                                           y, m, n, k, layer.qweight.shape[1], 128, triton.cdiv(k // 128, split), SYM=False,
-                                           HAS_BIAS=False, ATOMIC=True, BLOCK_M=bm, BLOCK_N=bn, T=t,
-                                           num_warps=warps, num_stages=stages)
-        ttgir = compiled.asm["ttgir"]
-        (out / f"m{m}.ttgir").write_text(ttgir)
-        counts = {op: len(re.findall(op, ttgir)) for op in ("convert_layout", "local_alloc", "local_load",
-                                                              "tt.dot", "tt.reshape", "tt.trans")}
-        print(f"M={m} cfg={cfg} regs={compiled.n_regs} spills={compiled.n_spills} "
-              f"shared={compiled.metadata.shared} {counts}", flush=True)
+def main(out_dir=None):
+    for bm, r, warps, post, smem, gs, sym in CONFIGS:
+        constexprs = dict(GS=gs, SYM=sym, HAS_BIAS=False, ATOMIC=True, POST_SCALE=post, X_SMEM=smem, EVEN_K=True,
+                          BLOCK_M=bm, R=r, NUM_WARPS=warps)
+        k = compile_sm90(_w4a16_mma_kernel, "bf16", constexprs, warps)
+        ops = Counter(op.split(".")[0] for op in k.sass_ops)
+        name = f"bm{bm}_r{r}_w{warps}_{'post' if post else 'pre'}_{'smem' if smem else 'direct'}_g{gs}"
+        print(f"{name:34s} regs={k.regs:3d} stack={k.stack} shared={k.shared:6d} "
+              f"HMMA={ops['HMMA']} LDG={ops['LDG']} STS={ops['STS']} LDS={ops['LDS'] + ops['LDSM']} "
+              f"top={ops.most_common(6)}", flush=True)
+        if out_dir:
+            for ext, text in (("ttgir", k.ttgir), ("ptx", k.ptx), ("sass", k.sass)):
+                Path(out_dir, f"{name}.{ext}").write_text(text)
+
+
+    for bm, r, warps, gs, sym in WGMMA_CONFIGS:
+        constexprs = dict(GS=gs, SYM=sym, HAS_BIAS=False, ATOMIC=True, BLOCK_M=bm, R=r, NUM_WARPS=warps)
+        k = compile_sm90(_w4a16_wgmma_kernel, "bf16", constexprs, warps)
+        ops = Counter(op.split(".")[0] for op in k.sass_ops)
+        print(f"wgmma bm{bm}_r{r}_w{warps}_g{gs}: regs={k.regs:3d} stack={k.stack} HGMMA={ops['HGMMA']} "
+              f"LDG={ops['LDG']} STS={ops['STS']} top={ops.most_common(6)}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -1,33 +1,61 @@
-"""Sweep the Triton W4A16 kernel's configs on a few shapes and batch sizes; prints the best per (shape, M).
+"""Sweep the W4A16 mma kernel's configs on Llama layer shapes; prints the best per (shape, M) and the default.
 
-python benchmarks/tune_w4a16.py   (GPU). Weights rotate beyond L2 and calls are timed
-as CUDA graphs, as in fourbit bench gemm.
+python benchmarks/tune_w4a16.py [--shapes ...] [--m ...] (GPU). Weights rotate beyond L2 and calls are timed as
+CUDA graphs, as in fourbit bench gemm. Also times two reference variants at the default config: the same kernel
+with the dequantized tile written to and re-read from shared memory (`round trip`, what QUICK removes), and the
+Triton tl.dot twin (weights through shared memory, as a textbook Triton kernel does).
 """
 import itertools
 
 import torch
+import triton
 
 from fourbit.bench import SHAPES, _copies, gpu_ms
 from fourbit.formats.uint4 import quantize_groups
-from fourbit.kernels.w4a16_gemm import w4a16_gemm
+from fourbit.kernels import w4a16_gemm as mod
 from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
 
-def candidates(m):
-    """Configs worth trying at M rows, in the tuple form kernels/w4a16_gemm._config returns."""
+
+def candidates(m, k_tiles, n, sms):
+    """(kind, BLOCK_M, R, warps, split, post_scale, x_smem) configs worth trying at M rows."""
+    bms = [b for b in (8, 16, 32, 64, 128, 256) if b >= min(m, 256) and b <= max(8, 2 * m)][:2]
     out = []
-    if m == 1:
-        out += [("gemv", 1, bn, 1, split, warps, stages) for bn, split, warps, stages in itertools.product(
-            (64, 128, 256, 512), (8, 16, 32, 64), (1, 2, 4), (2, 3, 4))]
-    bms = (16,) if m <= 16 else tuple(b for b in (64, 128) if b <= 2 * m)
-    out += [("mma", bm, bn, t, split, warps, stages) for bm, bn, t, split, warps, stages in itertools.product(
-        bms, (32, 64, 128, 256), (1, 2, 4), (1, 2, 4, 8) if m <= 64 else (1,), (4, 8), (2, 3, 4))]
+    for kind, bm, r, warps in itertools.product(("mma", "wgmma"), bms, (1, 2, 4), (2, 4, 8)):
+        if bm * r > 256 or (kind == "wgmma" and (bm < 64 or warps % 4 or bm * r > 128)) or (kind == "mma" and bm > 128):
+            continue
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, 16 * r * warps)
+        for per_sm in (1, 2, 4, 8, 16):
+            split = max(1, min(per_sm * sms // tiles, k_tiles))
+            for post, smem in itertools.product((True, False), (True, False)):
+                if kind == "wgmma" and (post or not smem):
+                    continue
+                out.append((kind, bm, r, warps, split, post, smem))
+    return sorted(set(out))
+
+
+def time_cfg(layer, copies, x, n, k, cfg, **extra):
+    if extra:  # a variant flag the launcher does not take: call the kernel the way the launcher does
+        return gpu_ms(lambda x, q: _launch(x, q, layer, n, k, cfg, extra), copies, x)
+    return gpu_ms(lambda x, q: mod.w4a16_gemm(x, q, layer.scales, layer.zeros, 128, n, k, config=cfg), copies, x)
+
+
+def _launch(x, q, layer, n, k, cfg, extra):
+    _, bm, r, warps, split, post, smem = cfg
+    kt = q.shape[1] // 256
+    per = triton.cdiv(kt, split)
+    split = triton.cdiv(kt, per)
+    out = x.new_empty((x.shape[0], n))
+    grid = (triton.cdiv(n, 16 * r * warps), triton.cdiv(x.shape[0], bm), split)
+    ws, count = mod._split_workspace(x.device, x.shape[0] * n, grid[0] * grid[1])
+    mod._w4a16_mma_kernel[grid](x, q, layer.scales, layer.zeros, layer.scales, out, x.shape[0], n, k, kt, per, ws,
+                                count, GS=128, SYM=False, HAS_BIAS=False, ATOMIC=split > 1, POST_SCALE=post,
+                                X_SMEM=smem, EVEN_K=True, BLOCK_M=bm, R=r, NUM_WARPS=warps, num_warps=warps, **extra)
     return out
 
 
-KIND = None
-
-
-def main(shapes=("7b.qkv", "7b.down", "70b.down"), ms=(1, 4, 16), budget=40):
+def main(shapes, ms, budget):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
     for shape in shapes:
         n, k = SHAPES[shape]
         codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 128, False, SCALE_DTYPE)
@@ -37,32 +65,32 @@ def main(shapes=("7b.qkv", "7b.down", "70b.down"), ms=(1, 4, 16), budget=40):
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = gpu_ms(lambda x, d: x @ d.t(), dense, x)
-            pool = [c for c in candidates(m) if KIND is None or c[0] == KIND]
+            default = mod._config(m, n, k // 128, sms)
+            t_def = time_cfg(layer, copies, x, n, k, default)
+            mma_default = ("mma",) + default[1:] if default[0] == "mma" else ("mma", 64, 1, 8, 2, False, True)
+            t_rt = time_cfg(layer, copies, x, n, k, mma_default, ROUND_TRIP=True)
+            pool = candidates(m, k // 128, n, sms)
             torch.manual_seed(m)
             pool = [pool[i] for i in torch.randperm(len(pool))[:budget].tolist()]
-            results = []
+            best = (t_def, default)
             for cfg in pool:
                 try:
-                    t = gpu_ms(lambda x, q: w4a16_gemm(x, q, layer.scales, layer.zeros, 128, n, k, config=cfg),
-                               copies, x)
-                except Exception:  # out of shared memory / registers: skip the config
-                    continue
-                results.append((t, cfg))
-            results.sort()
-            print(f"{shape:>10} M={m:<5} bf16 {base * 1e3:7.1f}us  best " +
-                  "  ".join(f"{cfg} {t * 1e3:6.1f}us ({base / t:.2f}x)" for t, cfg in
-                            [next(r for r in results if r[1][0] == kind) for kind in ("gemv", "mma")
-                             if any(r[1][0] == kind for r in results)]), flush=True)
+                    best = min(best, (time_cfg(layer, copies, x, n, k, cfg), cfg))
+                except Exception as e:  # out of registers / shared memory: skip the config
+                    print("  skip", cfg, type(e).__name__, flush=True)
+            line = (f"{shape:>10} M={m:<5} bf16 {base * 1e3:7.1f}us | default {default} {base / t_def:5.2f}x | "
+                    f"round trip {base / t_rt:5.2f}x | best {best[1]} {base / best[0]:5.2f}x")
+            print(line, flush=True)
+            rows.append(line)
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser()
-    p.add_argument("--shapes", nargs="+", default=["7b.qkv", "7b.down", "70b.down"])
-    p.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--budget", type=int, default=40, help="configs tried per (shape, M), sampled at random")
-    p.add_argument("--kind", choices=("gemv", "mma"), help="only this kernel")
+    p.add_argument("--shapes", nargs="+", default=["7b.qkv", "7b.o", "7b.down", "70b.down"])
+    p.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
+    p.add_argument("--budget", type=int, default=30, help="configs tried per (shape, M), sampled at random")
     a = p.parse_args()
-    KIND = a.kind
     main(a.shapes, a.m, a.budget)

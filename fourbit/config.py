@@ -62,7 +62,7 @@ class W4A16Config:
     sym: bool = False
     algo: str = "rtn"
     format: str = field(default="quick", init=False)
-    version: int = field(default=1, init=False)
+    version: int = field(default=2, init=False)  # of the quick layout (formats/quick.py)
 
     def __post_init__(self):
         if self.group_size not in SUPPORTED_GROUP_SIZES:
@@ -77,9 +77,12 @@ class W4A16Config:
     def from_dict(cls, d: dict) -> "W4A16Config":
         if d.get("scheme") != "w4a16" or d.get("format") != "quick":
             raise FourbitError(f"not a fourbit W4A16 quantization_config: {d}")
-        if d.get("version") != 1:
+        if d.get("version") == 1:
+            raise FourbitError("this checkpoint uses the quick layout v1 of fourbit 0.1 pre-releases, which this "
+                               "fourbit no longer reads: quantize the model again with `fourbit quantize`")
+        if d.get("version") != 2:
             raise FourbitError(f"fourbit W4A16 format version {d.get('version')} is newer than this fourbit "
-                               f"understands (1): upgrade fourbit")
+                               f"understands (2): upgrade fourbit")
         return cls(group_size=d["group_size"], sym=d["sym"], algo=d["algo"])
 
 

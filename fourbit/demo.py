@@ -74,7 +74,7 @@ def run_demo(device: torch.device, preset: str | None, group_size: int, seed: in
     errors = {k: {"mean": sum(v) / len(v), "max": max(v), "layers": len(v)} for k, v in by_kind.items()}
     mode = "graph" if gpu else "eager"
     base = "bf16" if gpu else "fp32"
-    kernel = "Triton kernel (v1)" if gpu else "reference (torch)"
+    kernel = "Gluon mma/wgmma kernel" if gpu else "reference (torch)"
     result = {"preset": preset, "device": where, "group_size": group_size, "layers_quantized": len(report),
               "rel_error": errors, "decode_step_ms": {base: base_ms, "w4a16": q_ms},
               "weight_bytes": {base: base_bytes, "w4a16": q_bytes}, "speedup": base_ms[mode] / q_ms[mode],

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from fourbit.errors import FourbitError
-from fourbit.formats.awq import AWQ_ORDER, pack_awq, unpack_awq
-from fourbit.formats.quick import K_TILE, N_TILE, ORDER, pack_quick, unpack_quick
+from fourbit.formats.awq import pack_awq, unpack_awq
+from fourbit.formats.quick import K_TILE, N_TILE, pack_quick, qweight_shape, unpack_quick
 from fourbit.formats.uint4 import dequantize_groups, pad_to, quantize_groups
 
 SHAPES = [(172, 64), (64, 172), (13, 300), (256, 4096), (8, 32)]
@@ -154,7 +154,7 @@ def test_quick_round_trip(shape):
     codes = _random_codes(n, k, seed=n + k)
     qweight = pack_quick(codes)
     assert qweight.dtype == torch.int32
-    assert qweight.shape == (-(-n // N_TILE), -(-k // K_TILE) * K_TILE)
+    assert qweight.shape == (-(-n // N_TILE), -(-k // K_TILE) * 256) == qweight_shape(n, k)
     assert torch.equal(unpack_quick(qweight, n, k), codes)
     with pytest.raises(FourbitError, match="in_features"):
         unpack_quick(qweight, n, k + K_TILE)
@@ -162,52 +162,37 @@ def test_quick_round_trip(shape):
 
 def test_quick_matches_docstring_definition():
     # slow reference written straight from the module docstring, over 2 x 2 tiles with padding
-    n, k = 13, 200
+    n, k = 29, 200
     codes = _random_codes(n, k, seed=5)
-    padded = torch.zeros(16, 256, dtype=torch.int64)
+    padded = torch.zeros(32, 256, dtype=torch.int64)
     padded[:n, :k] = codes
     got = pack_quick(codes).to(torch.int64) & 0xFFFFFFFF
-    order = (0, 2, 4, 6, 1, 3, 5, 7)  # written out, not imported: the module's ORDER is under test too
-    for nt in range(2):
+    for nb in range(2):
         for kc in range(2):
             for lane in range(32):
-                nl, q = divmod(lane, 4)
-                for j in range(4):
+                g, t = divmod(lane, 4)
+                for r in range(8):
+                    h, ch, rh = r // 4, r // 2 % 2, r % 2
                     word = 0
-                    for i in range(8):
-                        f, h, b = order[i] // 4, order[i] // 2 % 2, order[i] % 2
-                        word |= int(padded[nt * 8 + nl, kc * 128 + j * 32 + f * 16 + h * 8 + q * 2 + b]) << (4 * i)
-                    assert int(got[nt, kc * 128 + lane * 4 + j]) == word, (nt, kc, lane, j)
+                    for p in range(8):
+                        e, a = divmod(p, 4)
+                        row, col = 16 * nb + 8 * rh + g, 128 * kc + 16 * (4 * h + a) + 8 * ch + 2 * t + e
+                        word |= int(padded[row, col]) << (4 * p)
+                    assert int(got[nb, kc * 256 + lane * 8 + r]) == word, (nb, kc, lane, r)
 
 
-def test_quick_words_are_mma_b_fragments():
-    # what the kernel relies on: (w >> 4i) & 0x000F000F is the (k, k+1) pair of register b_h of fragment f,
-    # where an m16n8k16 B fragment gives lane l the column n = l // 4 and rows k = 2 (l % 4) + {0, 1} (+ 8 for b1)
-    codes = _random_codes(8, 128, seed=9)
-    qweight = pack_quick(codes).to(torch.int64) & 0xFFFFFFFF  # (1, 128)
+def test_quick_words_are_mma_a_fragments():
+    # what the kernel relies on: in an m16n8k16 A fragment (PTX ISA, "mma.m16n8k16 fragment for A") lane l holds
+    # rows l // 4 (+ 8 in registers 1 and 3) and columns 2 (l % 4) + {0, 1} (+ 8 in registers 2 and 3). Word
+    # 4h + j of a lane, shifted by 4a and masked with 0x000F000F, must be register j of k16 slice i = 4h + a.
+    codes = _random_codes(16, 128, seed=9)
+    qweight = pack_quick(codes).to(torch.int64) & 0xFFFFFFFF  # (1, 256)
     for lane in range(32):
-        for j in range(4):
-            w = int(qweight[0, 4 * lane + j])
-            for i in range(4):
-                f, h = divmod(i, 2)
-                pair = (w >> (4 * i)) & 0x000F000F
-                k0 = 32 * j + 16 * f + 8 * h + 2 * (lane % 4)
-                assert pair & 0xF == codes[lane // 4, k0] and pair >> 16 == codes[lane // 4, k0 + 1]
-    assert AWQ_ORDER == ORDER  # same interleave, for the same magic-number dequant
-
-
-def test_interleave_k_follows_the_unpack_order():
-    # written from the layout definition: column 128 kc + 8 (4q + j) + i of the interleaved X holds k =
-    # 128 kc + 32 j + 16 f + 8 h + 2 q + b, where nibble i holds element e = ORDER[i] = 4 f + 2 h + b
-    from fourbit.formats.quick import ORDER, interleave_k
-
-    k = 300
-    x = torch.arange(1, k + 1, dtype=torch.float64)[None, :].repeat(2, 1)  # value = k + 1, 0 = padding
-    got = interleave_k(x)
-    assert got.shape == (2, 384)
-    for col in range(384):
-        kc, w, i = col // 128, (col % 128) // 8, col % 8
-        q, j = w // 4, w % 4
-        f, h, b = ORDER[i] // 4, (ORDER[i] // 2) % 2, ORDER[i] % 2
-        kk = 128 * kc + 32 * j + 16 * f + 8 * h + 2 * q + b
-        assert got[0, col] == (kk + 1 if kk < k else 0), col
+        for h in range(2):
+            for j in range(4):
+                w = int(qweight[0, 8 * lane + 4 * h + j])
+                for a in range(4):
+                    pair = (w >> (4 * a)) & 0x000F000F
+                    row = lane // 4 + 8 * (j % 2)
+                    col = 16 * (4 * h + a) + 2 * (lane % 4) + 8 * (j // 2)
+                    assert pair & 0xF == codes[row, col] and pair >> 16 == codes[row, col + 1], (lane, h, j, a)

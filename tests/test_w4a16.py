@@ -64,7 +64,7 @@ def test_dequant_ref_matches_uint4_dequantize(shape, group_size, sym):
     layer = rtn_linear(lin, cfg)
     groups = 1 if group_size == -1 else -(-k // group_size)
     assert isinstance(layer, W4A16Linear)
-    assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (-(-n // 8), -(-k // 128) * 128)
+    assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (-(-n // 16), -(-k // 128) * 256)
     assert layer.scales.dtype == SCALE_DTYPE and layer.scales.shape == (groups, n)
     assert (layer.zeros is None) == sym
     if not sym:
@@ -271,3 +271,12 @@ def test_save_unquantized_round_trip(hf_llama, tmp_path):
     tok = _tok(cfg["vocab_size"], 2)
     with torch.no_grad():
         assert torch.equal(loaded(tok), model(tok))
+
+
+def test_quick_v1_checkpoints_are_refused_with_the_fix():
+    d = W4A16Config(group_size=32).to_dict()
+    assert d["version"] == 2
+    with pytest.raises(FourbitError, match="quantize the model again"):
+        W4A16Config.from_dict({**d, "version": 1})
+    with pytest.raises(FourbitError, match="upgrade fourbit"):
+        W4A16Config.from_dict({**d, "version": 3})

@@ -1,5 +1,11 @@
 """The Triton W4A16 GEMM against the torch reference: on the GPU when there is one, else in Triton's
 interpreter (conftest sets TRITON_INTERPRET=1), where only fp16 is trustworthy (DESIGN §5)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,3 +41,61 @@ def test_kernel_matches_reference(dtype, group_size, sym, m, n, k):
     assert y.dtype == dtype and y.shape == (m, n)
     err = float((y.double() - ref).norm() / ref.norm())
     assert err < (2e-3 if dtype == torch.float16 else 1e-2), err
+
+
+# ---- what the GPU kernels compile to (offline sm_90 compile: runs on any machine, no GPU) -------------------
+
+_COMPILE = """
+import json, sys
+from collections import Counter
+from fourbit.kernels.sass import compile_sm90
+from fourbit.kernels import w4a16_gemm as mod
+out = {}
+for name, (kernel, dtype, consts) in json.loads(sys.argv[1]).items():
+    k = compile_sm90(getattr(mod, kernel), dtype, consts, consts["NUM_WARPS"])
+    out[name] = dict(shared=k.shared, stack=k.stack, ops=Counter(k.sass_ops))
+print(json.dumps(out))
+"""
+_MMA = dict(HAS_BIAS=True, ATOMIC=False, POST_SCALE=True, X_SMEM=False, EVEN_K=False, BLOCK_M=8, R=1, NUM_WARPS=4)
+_CASES = {
+    "mma-bf16-g128": ("_w4a16_mma_kernel", "bf16", dict(GS=128, SYM=False, **_MMA)),
+    "mma-fp16-g32": ("_w4a16_mma_kernel", "fp16", dict(GS=32, SYM=False, **_MMA)),
+    "mma-bf16-perchannel-sym": ("_w4a16_mma_kernel", "bf16", dict(GS=-1, SYM=True, **_MMA)),
+    "wgmma-bf16-g128": ("_w4a16_wgmma_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False, ATOMIC=True,
+                                                            BLOCK_M=128, R=1, NUM_WARPS=4)),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The kernels compiled for sm_90 in a fresh process: Triton's interpreter, which the tests above run
+    in, patches triton.language in this one."""
+    from fourbit.kernels.w4a16_gemm import GLUON_OK, GLUON_TRITON
+
+    if not GLUON_OK:
+        pytest.skip(f"the Gluon kernels are written for Triton {GLUON_TRITON}")
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(_CASES)], capture_output=True, text=True,
+                         env=env, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("case", [c for c in _CASES if c.startswith("mma")])
+def test_mma_kernel_keeps_dequantized_weights_in_registers(compiled, case):
+    # Compiling at all proves the unpacked words already have the mma A-operand layout: the kernel's
+    # convert_layout(..., assert_trivial=True) fails the compile otherwise. The SASS then shows the weights
+    # arriving as 128-bit loads and going into HMMA with no shared memory anywhere in the kernel.
+    k = compiled[case]
+    assert k["shared"] == 0 and k["stack"] == 0
+    assert not any(op.startswith(("STS", "LDS")) for op in k["ops"])
+    assert k["ops"].get("LDG.E.128", 0) >= 2  # a lane's 8 words of a tile: two 128-bit loads
+    assert sum(n for op, n in k["ops"].items() if op.startswith("HMMA.16816")) >= 8  # 8 k16 slices per tile
+
+
+def test_wgmma_kernel_feeds_register_weights_to_wgmma(compiled):
+    k = compiled["wgmma-bf16-g128"]
+    assert k["stack"] == 0
+    assert sum(n for op, n in k["ops"].items() if op.startswith("HGMMA")) >= 8
+    # shared stores are X's tile only: one (128, 128) bf16 tile = 32 KB = 16 x 128-bit stores per thread
+    assert sum(n for op, n in k["ops"].items() if op.startswith("STS")) <= 16

@@ -1,29 +1,28 @@
-"""The "quick" W4A16 kernel layout, version 1: uint4 codes interleaved so that one 128-bit load per thread,
-after in-register dequantization, is that thread's B operand of mma.m16n8k16 (QUICK, Kim et al. 2024).
+"""The "quick" W4A16 kernel layout, version 2: uint4 codes stored so that each thread's two 128-bit loads,
+after in-register dequantization, are its A operands of mma.m16n8k16 / wgmma (QUICK, Kim et al. 2024, with
+the weight as the *A* operand: the kernel computes Yᵀ = W·Xᵀ, so decode batch sizes fill the mma's n = 8).
 
-Codes C (N, K) are zero-padded to Np = multiple of N_TILE = 8 rows and Kp = multiple of K_TILE = 128
+Codes C (N, K) are zero-padded to Np = multiple of N_TILE = 16 rows and Kp = multiple of K_TILE = 128
 columns (padded activations are zero and padded rows are never written, so the padding never shows).
-One tile (nt, kc) covers rows 8nt .. 8nt+7 and columns 128kc .. 128kc+127 = 1024 codes = 128 words:
-32 lanes x 4 words (j = 0..3), 8 codes per word. Indices decompose as
+One tile (nb, kc) covers rows 16 nb .. 16 nb + 15 and columns 128 kc .. 128 kc + 127 = 2048 codes = 256
+words: 32 lanes x 8 words, 8 codes per word. Indices decompose as
 
-    n = 8 nt + nl                                     nl in 0..7
-    k = 128 kc + 32 j + 16 f + 8 h + 2 q + b          j in 0..3, f, h, b in 0..1, q in 0..3
-    lane = 4 nl + q,   element e = 4 f + 2 h + b      of word j of that lane
+    n = 16 nb + 8 rh + g                                   g in 0..7, rh in 0..1
+    k = 128 kc + 16 i + 8 ch + 2 t + e,   i = 4 h + a       t, a in 0..3; e, ch, h in 0..1
+    lane = 4 g + t,   word r = 4 h + 2 ch + rh,   nibble p = 4 e + a   (bits 4p .. 4p+3)
 
-In an m16n8k16 B fragment lane l holds n = l // 4 and k = 2 (l % 4) + {0, 1} (register b0) and the same
-+ 8 (register b1): that is (nl, q, b, h). f picks one of two k16 fragments, j one of four k32 chunks.
-Nibble i (bits 4i..4i+3) of a word holds element ORDER[i]:
+Why: the kernel multiplies the tile as eight k16 slices i (A = W[:, 16i .. 16i+15], B = X's same columns,
+so X needs no reordering). In an m16n8k16 A fragment lane l = 4g + t holds row g, columns 2t, 2t+1 in
+register 0, row g+8 in register 1, and columns + 8 in registers 2 and 3: register j = 2 ch + rh. Word r of
+a lane therefore carries the (e = 0, 1) column pair of register j = r % 4 for the four slices i of half
+h = r // 4, and (w >> 4a) & 0x000F000F puts that pair in the low / high halves of one 32-bit register:
+OR 0x64006400 (fp16 1024 + q) or 0x43004300 (bf16 128 + q), subtract the same constant plus z, and it is
+register j of slice i = 4h + a. The same per-warp fragment is wgmma's register A operand.
 
-    bits:     31..28 27..24 23..20 19..16 | 15..12 11..8 7..4 3..0
-    element:     7      5      3      1   |    6     4    2    0
+Storage: qweight int32 (Np / 16, Kp / 128 * 256). Row nb holds its tiles kc = 0, 1, ... in order; each tile
+is 256 words, lane-major, each lane's 8 words contiguous (two 128-bit loads, r = 0..3 then 4..7):
 
-so (w >> 4i) & 0x000F000F has elements (2i, 2i+1) in its low / high 16-bit halves; OR 0x64006400 makes
-the fp16 pair 1024 + q, and subtracting 1024 + z, times s, gives register b_h of fragment f, (f, h) = divmod(i, 2).
-
-Storage: qweight int32 (Np / 8, Kp). Row nt holds its tiles kc = 0, 1, ... in order; each tile is 128 words,
-lane-major, each lane's 4 words (j = 0..3) contiguous, i.e. qweight[nt, 128 kc + 4 lane + j]:
-
-    row nt: | kc=0: lane0[j0 j1 j2 j3] lane1[j0 .. j3] ... lane31[j0 .. j3] | kc=1: ... |
+    row nb: | kc=0: lane0[r0 .. r7] lane1[r0 .. r7] ... lane31[r0 .. r7] | kc=1: ... |
 """
 from __future__ import annotations
 
@@ -32,44 +31,32 @@ import torch
 from ..errors import FourbitError
 from .uint4 import pack_nibbles, pad_to, unpack_nibbles
 
-N_TILE = 8  # output channels per tile (the mma n)
-K_TILE = 128  # input channels per tile: 32 lanes x 4 words x 8 codes / N_TILE
-ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # element held by nibble i
-VERSION = 1
+N_TILE = 16  # output channels per tile (the mma m, with W as the A operand)
+K_TILE = 128  # input channels per tile: 32 lanes x 8 words x 8 codes / N_TILE
+WORDS_PER_TILE = N_TILE * K_TILE // 8
+VERSION = 2
+
+
+def qweight_shape(n: int, k: int) -> tuple[int, int]:
+    return -(-n // N_TILE), -(-k // K_TILE) * WORDS_PER_TILE
 
 
 def pack_quick(codes: torch.Tensor) -> torch.Tensor:
-    """codes uint8 (N, K) -> qweight int32 (ceil(N / 8), ceil(K / 128) * 128)."""
+    """codes uint8 (N, K) -> qweight int32 (ceil(N / 16), ceil(K / 128) * 256)."""
     c = pad_to(pad_to(codes, 0, N_TILE), 1, K_TILE)  # (Np, Kp)
-    np_, kp = c.shape
-    nt, kc = np_ // N_TILE, kp // K_TILE
-    c = c.reshape(nt, 8, kc, 4, 2, 2, 4, 2)  # (nt, nl, kc, j, f, h, q, b)
-    c = c.permute(0, 2, 1, 6, 3, 4, 5, 7)  # (nt, kc, nl, q, j, f, h, b)
-    words = pack_nibbles(c.reshape(nt, kc, 32, 4, 8), ORDER)  # (nt, kc, lane, j)
-    return words.reshape(nt, kp)
+    nb, kc = c.shape[0] // N_TILE, c.shape[1] // K_TILE
+    c = c.reshape(nb, 2, 8, kc, 2, 4, 2, 4, 2)  # (nb, rh, g, kc, h, a, ch, t, e)
+    c = c.permute(0, 3, 2, 7, 4, 6, 1, 8, 5)  # (nb, kc, g, t, h, ch, rh, e, a)
+    return pack_nibbles(c.reshape(nb, kc * WORDS_PER_TILE, 8))  # nibble p = 4e + a
 
 
 def unpack_quick(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of pack_quick: qweight int32 (ceil(n / 8), ceil(k / 128) * 128) -> codes uint8 (n, k)."""
-    nt, kp = -(-n // N_TILE), -(-k // K_TILE) * K_TILE
-    if tuple(qweight.shape) != (nt, kp):
+    """Inverse of pack_quick: qweight int32 (ceil(n / 16), ceil(k / 128) * 256) -> codes uint8 (n, k)."""
+    shape = qweight_shape(n, k)
+    if tuple(qweight.shape) != shape:
         raise FourbitError(f"quick qweight has shape {tuple(qweight.shape)} but a ({n}, {k}) weight packs to "
-                           f"({nt}, {kp}): check out_features/in_features against the checkpoint")
-    kc = kp // K_TILE
-    e = unpack_nibbles(qweight.reshape(nt, kc, 32, 4), ORDER)  # (nt, kc, lane, j, e)
-    c = e.reshape(nt, kc, 8, 4, 4, 2, 2, 2)  # (nt, kc, nl, q, j, f, h, b)
-    c = c.permute(0, 2, 1, 4, 5, 6, 3, 7)  # (nt, nl, kc, j, f, h, q, b)
-    return c.reshape(nt * N_TILE, kp)[:n, :k].contiguous()
-
-
-def interleave_k(x: torch.Tensor) -> torch.Tensor:
-    """Activations (M, K) -> (M, Kp), zero-padded, with columns in the order a row's words unpack to.
-
-    Within each 128-wide tile, output channel n's 16 words are w = 4q + j and nibble i of a word is
-    i = 4b + 2f + h (ORDER inverted), so column 8w + i holds k = 32j + 16f + 8h + 2q + b. A kernel that unpacks
-    the words in storage order multiplies them by these columns and never moves the weights.
-    """
-    xp = pad_to(x, 1, K_TILE)
-    m, kp = xp.shape
-    xp = xp.reshape(m, kp // K_TILE, 4, 2, 2, 4, 2)  # (m, kc, j, f, h, q, b)
-    return xp.permute(0, 1, 5, 2, 6, 3, 4).reshape(m, kp)  # (m, kc, q, j, b, f, h)
+                           f"{shape}: check out_features/in_features against the checkpoint")
+    nb, kc = shape[0], shape[1] // WORDS_PER_TILE
+    c = unpack_nibbles(qweight).reshape(nb, kc, 8, 4, 2, 2, 2, 2, 4)  # (nb, kc, g, t, h, ch, rh, e, a)
+    c = c.permute(0, 6, 2, 1, 4, 8, 5, 3, 7)  # (nb, rh, g, kc, h, a, ch, t, e)
+    return c.reshape(nb * N_TILE, kc * K_TILE)[:n, :k].contiguous()

@@ -1,163 +1,378 @@
-"""W4A16 GEMM (Triton): Y (M, N) = X (M, K) · dequant(W)ᵀ (+ bias), X fp16/bf16, output in X's dtype.
+"""W4A16 GEMM: Y (M, N) = X (M, K) · dequant(W)ᵀ (+ bias), X fp16/bf16, output in X's dtype.
 
-W is uint4 codes in the quick layout (formats/quick.py): qweight int32 (ceil(N/8), Kp), Kp = ceil(K/128)·128,
+W is uint4 codes in the quick layout v2 (formats/quick.py): qweight int32 (ceil(N/16), KT·256), KT = ceil(K/128),
 W[n, k] = (q[n, k] - z[g, n]) · s[g, n] with g = k // group_size (z = 8 when symmetric), scales fp16 (G, N).
 
-Reading the layout tile by tile: for one 128-wide k tile kc, output channel n owns the 16 consecutive words
-qweight[n // 8, 128·kc + 16·(n % 8) + (4q + j)], q, j in 0..3, and nibble i of word (q, j) holds
-k = 128·kc + 32·j + 16·((i % 4) // 2) + 8·(i % 2) + 2·q + i // 4   (formats/quick.py, with ORDER inverted).
-So a [BLOCK_N, 16·T] block of words unpacks to a [BLOCK_N, 128·T] weight block whose columns are a fixed
-permutation of k; X's columns are put in the same order (formats/quick.interleave_k, one copy per call)
-instead of moving the weights, and the GEMV reads X in that order directly.
+The GPU kernel `_w4a16_mma_kernel` (Gluon, sm_80 and later) computes Yᵀ = W·Xᵀ with mma.m16n8k16, the weight
+as the A operand, so a decode batch fills the instruction's n = 8 instead of wasting 15/16 of m = 16:
+- Each lane loads its 8 words of a 16 x 128 tile with two 128-bit loads. For each k16 slice i = 4h + a, one
+  shift, one LOP3 (mask | magic) and one HSUB2 (minus magic + z) per word produce register j of the slice's A
+  fragment (formats/quick.py says why). The dequantized tile never leaves registers: the kernel declares the
+  unpacked words' layout and `convert_layout(..., assert_trivial=True)` proves at compile time that it already
+  is the mma operand layout, and the compiled kernel has no shared memory for weights (tests/
+  test_w4a16_kernel.py checks both from an offline sm_90 compile).
+- q - z is exact in fp16/bf16, so with POST_SCALE the group scale multiplies each group's fp32 partial sum
+  after the mma (one FMA per accumulator per group, instead of a multiply per weight); per-channel scales apply
+  once at the end. Without POST_SCALE (large M, where a second accumulator costs registers) the HSUB2 is followed by
+  an HMUL2 with the scale.
+- X (the B operand, BLOCK_M columns) is read from global memory straight into B fragments for small BLOCK_M
+  and staged through shared memory for large BLOCK_M (activations only: weights never touch shared memory).
+- Split-K over programs when the (N, M) grid alone would leave SMs idle: the splits add into a persistent
+  fp32 workspace and the last split of each output tile (a counter) writes Y and re-zeroes the workspace, so a
+  call is one launch. The order of the adds varies, so split results can differ in the last bit run to run.
+`_w4a16_wgmma_kernel` (sm_90, M > 32) feeds the same register fragments to wgmma (m64nBLOCK_Mk16), with X's
+tile in NVMMA-swizzled shared memory. Measured (H100, 2026-11-21, benchmarks/results/): 1.9-2.6x cuBLAS bf16
+at M = 1, 1.25-2.5x at M = 16, 0.84-1.45x at M = 64, 0.4-0.65x at M >= 256; benchmarks/NOTES-w4a16.md has
+what limits each and what was tried.
 
-Two kernels, chosen by M (`_config`):
-- M = 1: `_w4a16_gemv_kernel`, CUDA cores, no shared memory; group scale and zero applied once per 32-wide chunk.
-- M > 1: `_w4a16_kernel`, dequantize in fp32 registers, `tl.dot` with the weight as the B operand (Triton stages
-  it through shared memory: the round trip QUICK removes is still here), split-K with fp32 atomics for small M.
-Both turn codes into floats with the 2^23 mantissa trick (Hopper's int-to-float converts are slow).
-
-Measured on an H200 (2026-11-21, benchmarks/results/h200-w4a16.md, CUDA-graph timing): correct, 1.3-1.45x
-cuBLAS bf16 at M = 1, 0.41-0.65x at M = 16..64 and 0.15-0.32x at M >= 128: far from the W4A16 issue's targets
-(benchmarks/NOTES-w4a16.md has the versions tried). ncu on the GEMV
-(70B down_proj): 228 registers, 12.5% occupancy, 25% of DRAM bandwidth, SM 57% busy, ~7 instructions per weight.
-Tried and dropped: unpacking through 2-D tensors only (each unpacked column re-reading its word) ran 5-10x
-slower; the GEMV with an M loop inside ran 2x slower than the tl.dot kernel at M = 4.
+`_w4a16_dot_kernel` (Triton, tl.dot) computes the same product from the same layout; it runs under
+TRITON_INTERPRET=1 (CPU tests: Gluon has no interpreter) and on GPUs older than sm_80.
 """
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from ..formats.quick import K_TILE, interleave_k
+from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE
+
+
+@triton.constexpr_function
+def _dequant_asm(shift, bf16, scale):
+    """PTX for one word and slice a: (w >> 4a) & 0x000F000F | magic is the half pair magic + q; minus $3 =
+    magic + z (both halves) gives q - z exactly; optionally times $4 = the packed scale pair."""
+    magic, sub, mul = (("0x43004300", "sub.rn.bf16x2", "mul.rn.bf16x2") if bf16
+                       else ("0x64006400", "sub.f16x2", "mul.f16x2"))
+    scaled = f"{mul} t, t, $4; " if scale else ""
+    return (f"{{ .reg .b32 t; shr.u32 t, $2, {shift}; lop3.b32 t, t, 0x000F000F, {magic}, 0xEA; "
+            f"{sub} t, t, $3; {scaled}mov.b32 {{$0, $1}}, t; }}")
+
+
+@gluon.jit
+def _dequant(words, zz, s2, A: gl.constexpr, BF16: gl.constexpr, SCALE: gl.constexpr):
+    """words (BN, 8) int32 -> the (even, odd) column halves of slice 4h + a, each (BN, 8) fp16/bf16."""
+    if SCALE:
+        args = [words, zz, s2]
+        cons: gl.constexpr = "=h,=h,r,r,r"
+    else:
+        args = [words, zz]
+        cons: gl.constexpr = "=h,=h,r,r"
+    if BF16:
+        lo, hi = gl.inline_asm_elementwise(_dequant_asm(4 * A, True, SCALE), cons, args,
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+    else:
+        lo, hi = gl.inline_asm_elementwise(_dequant_asm(4 * A, False, SCALE), cons, args,
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+    return lo, hi
+
+
+@gluon.jit
+def _load_tile(qw_ptr, w_off, w_ok, RB: gl.constexpr):
+    """A lane's 8 words of each 16-row block (two 128-bit loads) -> the two halves h, (16·RB, 8) words each,
+    rows n = 16 rb + 8 rh + g and columns 4 ch + t, held as the slice fragments need them (register bits
+    rh, ch; lane bits t, g): only the tensor's index labels change, no data moves."""
+    words = gl.load(qw_ptr + w_off, mask=w_ok, other=0)  # (RB, lane, r)
+    words = gl.reshape(words, (RB, 8, 4, 2, 2, 2))  # (rb, g, t, h, ch, rh)
+    words = gl.permute(words, (0, 5, 1, 4, 2, 3))  # (rb, rh, g, ch, t, h)
+    return gl.split(gl.reshape(words, (16 * RB, 8, 2)))
+
+
+@gluon.jit
+def _group_params(s_ptr, z_ptr, g, rows, ok, N, SYM: gl.constexpr, BF16: gl.constexpr, SCALE: gl.constexpr):
+    """Group g's packed (magic + z) pair and, if SCALE, packed scale pair for `rows`: int32 (BN, 1) each.
+    ok masks rows past N and groups past K (a K tail's last slices have no group: their X is zero)."""
+    magic: gl.constexpr = 0x4300 if BF16 else 0x6400
+    if SYM:
+        zz = gl.full(rows.shape, (magic + 8) * 0x10001, gl.int32, layout=rows.type.layout)
+    else:
+        z = gl.load(z_ptr + g * N + rows, mask=ok, other=0).to(gl.int32)
+        zz = (magic + z) * 0x10001
+    s2 = zz
+    if SCALE:
+        s = gl.load(s_ptr + g * N + rows, mask=ok, other=0)
+        if BF16:
+            s = s.to(gl.float32).to(gl.bfloat16)
+        bits = s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        s2 = bits * 0x10001
+    return zz[:, None], s2[:, None]
+
+
+@gluon.jit
+def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
+                      ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
+                      POST_SCALE: gl.constexpr, X_SMEM: gl.constexpr, EVEN_K: gl.constexpr,
+                      BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr,
+                      ROUND_TRIP: gl.constexpr = False):
+    BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
+    RB: gl.constexpr = R * NUM_WARPS  # 16-row blocks per program, R per warp
+    BN: gl.constexpr = 16 * RB
+    PER_CHANNEL: gl.constexpr = GS == -1
+    SLICES_PER_GROUP: gl.constexpr = 8 if PER_CHANNEL else GS // 16  # (per-channel: reset never used)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, 8])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
+
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    kt0 = pid_k * TILES_PER_SPLIT
+    kt1 = gl.minimum(kt0 + TILES_PER_SPLIT, KT)
+
+    rb = pid_n * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
+    word = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
+    w_off = rb[:, None, None] * (KT * 256) + (lane * 8)[None, :, None] + word[None, None, :]
+    w_ok = (rb < (N + 15) // 16)[:, None, None] & (word < 8)[None, None, :]
+    w0, w1 = _load_tile(qw_ptr, w_off + kt0 * 256, w_ok & (kt0 < kt1), RB)
+
+    rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w0.type.layout))  # as the words hold them
+    rows_ok = rows < N
+    acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))  # as the accumulator holds them
+    acc_rows_ok = acc_rows < N
+
+    kk = gl.arange(0, 16, layout=gl.SliceLayout(1, b_l))
+    mm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, b_l))
+    if X_SMEM:
+        x_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])  # 128-bit loads
+        xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_l))
+        xk = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
+        x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK_M, 128],
+                                           gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
+
+    if ROUND_TRIP:  # measurement only: the shared-memory write-back of the dequantized tile that QUICK removes
+        w_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BN, 16],
+                                           gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
+
+    acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=mma)
+    zz, s2 = _group_params(s_ptr, z_ptr, 0, rows, rows_ok, N, SYM, BF16, not POST_SCALE)
+    for kt in range(kt0, kt1):
+        n0, n1 = _load_tile(qw_ptr, w_off + (kt + 1) * 256, w_ok & (kt + 1 < kt1), RB)  # next tile in flight
+        if X_SMEM:
+            gl.thread_barrier()  # every warp is done with the previous tile's X
+            x_mask = (xm < M)[:, None] & ((kt * 128 + xk) < K)[None, :]
+            x_smem.store(gl.load(x_ptr + xm[:, None] * K + (kt * 128 + xk)[None, :], mask=x_mask, other=0.0))
+            gl.thread_barrier()
+        for h in gl.static_range(2):
+            wh = w0 if h == 0 else w1
+            for a in gl.static_range(4):
+                if not PER_CHANNEL:
+                    if (4 * h + a) % SLICES_PER_GROUP == 0:  # a new group starts at this slice
+                        k0 = kt * 128 + 16 * (4 * h + a)
+                        zz, s2 = _group_params(s_ptr, z_ptr, k0 // GS, rows, rows_ok & (k0 < K), N, SYM, BF16,
+                                               not POST_SCALE)
+                lo, hi = _dequant(wh, zz, s2, a, BF16, not POST_SCALE)
+                w = gl.reshape(gl.join(lo, hi), (BN, 16))  # (n, 16 columns of slice (4 * h + a))
+                w = gl.convert_layout(w, a_l, assert_trivial=True)  # already the A fragment: no data moves
+                if ROUND_TRIP:
+                    gl.thread_barrier()
+                    w_smem.store(w)
+                    gl.thread_barrier()
+                    w = w_smem.load(a_l)
+                if X_SMEM:
+                    x = x_smem.slice(16 * (4 * h + a), 16, dim=1).permute((1, 0)).load(b_l)
+                else:
+                    k = kt * 128 + 16 * (4 * h + a) + kk
+                    x_mask = (mm < M)[None, :]
+                    if not EVEN_K:
+                        x_mask = x_mask & (k < K)[:, None]
+                    x = gl.load(x_ptr + mm[None, :] * K + k[:, None], mask=x_mask, other=0.0)  # (16, BM)
+                if PER_CHANNEL or not POST_SCALE:
+                    acc = mma_v2(w, x, acc)
+                else:
+                    if (4 * h + a) % SLICES_PER_GROUP == 0:
+                        part = mma_v2(w, x, gl.zeros((BN, BLOCK_M), gl.float32, layout=mma))
+                    else:
+                        part = mma_v2(w, x, part)
+                    if (4 * h + a) % SLICES_PER_GROUP == SLICES_PER_GROUP - 1:  # the group's sum, times its scale
+                        g = (kt * 128 + 16 * (4 * h + a)) // GS
+                        s = gl.load(s_ptr + g * N + acc_rows, mask=acc_rows_ok & (g * GS < K), other=0)
+                        s = s.to(gl.float32)
+                        acc += part * s[:, None]
+        w0, w1 = n0, n1
+
+    if PER_CHANNEL and POST_SCALE:
+        acc *= gl.load(s_ptr + acc_rows, mask=acc_rows_ok, other=0).to(gl.float32)[:, None]
+    if HAS_BIAS:  # added once, by the first K split
+        bias = gl.load(bias_ptr + acc_rows, mask=acc_rows_ok & (pid_k == 0), other=0).to(gl.float32)
+        acc += bias[:, None]
+    cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    out_off = cols[None, :] * N + acc_rows[:, None]
+    out_mask = acc_rows_ok[:, None] & (cols < M)[None, :]
+    if ATOMIC:
+        # Split K without extra launches: every split adds its part into an fp32 workspace that is all zeros
+        # between calls; the split that arrives last (a counter per output tile) writes Y and re-zeroes both.
+        gl.atomic_add(ws_ptr + out_off, acc, mask=out_mask, sem="relaxed")
+        gl.thread_barrier()  # every thread's adds are issued before the release below
+        tile = pid_m * gl.num_programs(0) + pid_n
+        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == gl.num_programs(2) - 1:
+            total = gl.load(ws_ptr + out_off, mask=out_mask, other=0.0, cache_modifier=".cg")  # from L2
+            gl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            gl.store(ws_ptr + out_off, gl.zeros_like(total), mask=out_mask)
+            gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")
+    else:
+        gl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@gluon.jit
+def _w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
+                        GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
+                        BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Large M on Hopper: the same register A fragments fed to wgmma (m64nBLOCK_Mk16, one warpgroup per 64
+    rows), X (the B operand) staged in shared memory per 128-wide tile; scales applied in the dequant."""
+    BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
+    RB: gl.constexpr = R * NUM_WARPS
+    BN: gl.constexpr = 16 * RB
+    PER_CHANNEL: gl.constexpr = GS == -1
+    SLICES_PER_GROUP: gl.constexpr = 8 if PER_CHANNEL else GS // 16
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
+    x_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    kt0 = pid_k * TILES_PER_SPLIT
+    kt1 = gl.minimum(kt0 + TILES_PER_SPLIT, KT)
+
+    rb = pid_n * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
+    word = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
+    w_off = rb[:, None, None] * (KT * 256) + (lane * 8)[None, :, None] + word[None, None, :]
+    w_ok = (rb < (N + 15) // 16)[:, None, None] & (word < 8)[None, None, :]
+    w0, w1 = _load_tile(qw_ptr, w_off + kt0 * 256, w_ok & (kt0 < kt1), RB)
+    rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w0.type.layout))
+    rows_ok = rows < N
+
+    xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_l))
+    xk = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
+    x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK_M, 128],
+                                       gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+
+    acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=mma)
+    zz, s2 = _group_params(s_ptr, z_ptr, 0, rows, rows_ok, N, SYM, BF16, True)
+    for kt in range(kt0, kt1):
+        n0, n1 = _load_tile(qw_ptr, w_off + (kt + 1) * 256, w_ok & (kt + 1 < kt1), RB)
+        x_mask = (xm < M)[:, None] & ((kt * 128 + xk) < K)[None, :]
+        x = gl.load(x_ptr + xm[:, None] * K + (kt * 128 + xk)[None, :], mask=x_mask, other=0.0)
+        gl.thread_barrier()  # the previous tile's wgmmas are done with x_smem (they ran synchronously)
+        x_smem.store(x)
+        fence_async_shared()
+        gl.thread_barrier()
+        for h in gl.static_range(2):
+            wh = w0 if h == 0 else w1
+            for a in gl.static_range(4):
+                if not PER_CHANNEL:
+                    if (4 * h + a) % SLICES_PER_GROUP == 0:
+                        k0 = kt * 128 + 16 * (4 * h + a)
+                        zz, s2 = _group_params(s_ptr, z_ptr, k0 // GS, rows, rows_ok & (k0 < K), N, SYM, BF16,
+                                               True)
+                lo, hi = _dequant(wh, zz, s2, a, BF16, True)
+                w = gl.convert_layout(gl.reshape(gl.join(lo, hi), (BN, 16)), a_l, assert_trivial=True)
+                acc = warpgroup_mma(w, x_smem.slice(16 * (4 * h + a), 16, dim=1).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        w0, w1 = n0, n1
+
+    acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    acc_rows_ok = acc_rows < N
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + acc_rows, mask=acc_rows_ok & (pid_k == 0), other=0).to(gl.float32)
+        acc += bias[:, None]
+    cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
+    out_off = cols[None, :] * N + acc_rows[:, None]
+    out_mask = acc_rows_ok[:, None] & (cols < M)[None, :]
+    if ATOMIC:
+        gl.atomic_add(out_ptr + out_off, acc, mask=out_mask, sem="relaxed")  # plain RED: no fence per element
+    else:
+        gl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, pid_k, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
-    """acc (BM, BN) fp32 -> Y: bias once (from the first K split), then an atomic add or a plain store."""
+def _w4a16_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
+                      GS, SYM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The same product with tl.dot: each tile unpacked to (BLOCK_N, 128) in k order, dequantized in fp32."""
+    RB: tl.constexpr = BLOCK_N // 16
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = pid_n * RB + tl.arange(0, RB)
+    kt0 = pid_k * TILES_PER_SPLIT
+    kt1 = tl.minimum(kt0 + TILES_PER_SPLIT, KT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        words = tl.load(qw_ptr + rb[:, None] * (KT * 256) + kt * 256 + tl.arange(0, 256)[None, :],
+                        mask=(rb < (N + 15) // 16)[:, None], other=0)  # (RB, lane·8 + r)
+        codes = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF  # nibble p = 4e + a
+        codes = tl.reshape(codes, (RB, 8, 4, 2, 2, 2, 2, 4))  # (rb, g, t, h, ch, rh, e, a)
+        codes = tl.permute(codes, (0, 5, 1, 3, 7, 4, 2, 6))  # (rb, rh, g, h, a, ch, t, e)
+        codes = tl.reshape(codes, (BLOCK_N, 128)).to(tl.float32)  # (n, k - 128 kt)
+        k = kt * 128 + tl.arange(0, 128)
+        g_off = (k // GS)[None, :] * N + offs_n[:, None]
+        g_ok = (offs_n < N)[:, None] & (k < K)[None, :]
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+        if SYM:
+            w = (codes - 8.0) * s
+        else:
+            w = (codes - tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)) * s
+        x_mask = (offs_m < M)[:, None] & (k < K)[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * K + k[None, :], mask=x_mask, other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
     n_ok = offs_n < N
-    out_mask = (offs_m[:, None] < M) & n_ok[None, :]
-    out_off = offs_m[:, None] * N + offs_n[None, :]
     if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]  # once, by the first K split
+    out_off = offs_m[:, None] * N + offs_n[None, :]
+    out_mask = (offs_m < M)[:, None] & n_ok[None, :]
     if ATOMIC:
-        tl.atomic_add(out_ptr + out_off, acc, mask=out_mask)
+        tl.atomic_add(out_ptr + out_off, acc, mask=out_mask, sem="relaxed")
     else:
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, GS, TILES_PER_SPLIT,
-                  SYM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    n_ok = offs_n < N
-    kt_total = KP // 128
-
-    shifts = tl.reshape(4 * tl.arange(0, 8), (1, 1, 1, 8))
-    j_grp = tl.arange(0, 4)  # the 32-wide k chunk of a word: scales are per chunk (group size >= 32)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    kt_start = pid_k * TILES_PER_SPLIT
-    kt_end = tl.minimum(kt_start + TILES_PER_SPLIT, kt_total)
-    for kt in range(kt_start, kt_end, T):
-        tiles = kt + tl.arange(0, T)  # (T,)
-        t_ok = tiles < kt_end
-        # words (BN, T, 16)
-        w_off = (offs_n // 8)[:, None, None] * KP + tiles[None, :, None] * 128 + \
-            (offs_n % 8)[:, None, None] * 16 + tl.arange(0, 16)[None, None, :]
-        w_mask = n_ok[:, None, None] & t_ok[None, :, None]
-        words = tl.load(qw_ptr + w_off, mask=w_mask, other=0)
-        codes = ((words[:, :, :, None] >> shifts) & 0xF) | 0x4B000000  # (BN, T, 16, 8): 2^23 + q as fp32 bits
-        codes = tl.reshape(codes, (BLOCK_N, T, 4, 4, 8)).to(tl.float32, bitcast=True) - 8388608.0  # (n, t, q, j, i)
-        # group parameters per (n, t, j): (BN, T, 4)
-        k_chunk = tiles[None, :, None] * 128 + 32 * j_grp[None, None, :]  # first k of each 32-wide chunk
-        g_off = (k_chunk // GS) * N + offs_n[:, None, None]
-        g_mask = n_ok[:, None, None] & t_ok[None, :, None] & (k_chunk < K)  # chunks past K have no group
-        s = tl.load(s_ptr + g_off, mask=g_mask, other=0).to(tl.float32)
-        if SYM:
-            w = (codes - 8.0) * s[:, :, None, :, None]
-        else:
-            z = tl.load(z_ptr + g_off, mask=g_mask, other=0).to(tl.float32)
-            w = (codes - z[:, :, None, :, None]) * s[:, :, None, :, None]
-        w = tl.reshape(w, (BLOCK_N, T * 128)).to(x_ptr.dtype.element_ty)
-        # X arrives with its columns already in the layout's k order, zero-padded to KP (interleave_k)
-        cols = kt * 128 + tl.arange(0, T * 128)
-        x_mask = (offs_m[:, None] < M) & (cols[None, :] < kt_end * 128)
-        x = tl.load(x_ptr + offs_m[:, None] * KP + cols[None, :], mask=x_mask, other=0.0)
-        acc += tl.dot(x, tl.trans(w))
-
-    _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, pid_k, HAS_BIAS, ATOMIC)
-
-
-@triton.jit
-def _w4a16_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KP, GS, TILES_PER_SPLIT,
-                       SYM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One row of X (M = 1) on CUDA cores, one 128-wide k tile per step, no tensor cores, no shared memory.
-
-    Words stay 3-D (n, q, j) in the layout they were loaded in; the 8 nibbles are taken one at a time, each
-    multiplied by the X values it stands for. Group parameters apply once per (n, 32-wide chunk j):
-    y[n] += s[g, n] · (Σ q·x − z[g, n] · Σ x) over the chunk.
-    """
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    q3 = tl.arange(0, 4)[None, :, None]
-    j3 = tl.arange(0, 4)[None, None, :]
-    j2 = tl.arange(0, 4)[None, :]
-    row = ((offs_n // 8) * KP + (offs_n % 8) * 16)[:, None, None] + 4 * q3 + j3  # (BN, 4q, 4j) word offsets
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    kt_total = KP // 128
-    kt_start = pid_k * TILES_PER_SPLIT
-    kt_end = tl.minimum(kt_start + TILES_PER_SPLIT, kt_total)
-    for kt in range(kt_start, kt_end):
-        words = tl.load(qw_ptr + row + kt * 128, mask=n_ok[:, None, None], other=0)  # (BN, 4, 4)
-        chunk = kt * 128 + 32 * j2  # (1, 4j): first k of each chunk
-        g_off = (chunk // GS) * N + offs_n[:, None]
-        g_ok = n_ok[:, None] & (chunk < K)
-        s = tl.load(s_ptr + g_off, mask=g_ok, other=0).to(tl.float32)  # (BN, 4j)
-        if SYM:
-            z = tl.full((BLOCK_N, 4), 8.0, tl.float32)
-        else:
-            z = tl.load(z_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
-        dot = tl.zeros((BLOCK_N, 4, 4), dtype=tl.float32)
-        xsum = tl.zeros((1, 4, 4), dtype=tl.float32)
-        for i in tl.static_range(8):
-            k_i = kt * 128 + 32 * j3 + 16 * ((i % 4) // 2) + 8 * (i % 2) + 2 * q3 + i // 4  # (1, 4q, 4j)
-            x_i = tl.load(x_ptr + k_i, mask=k_i < K, other=0.0).to(tl.float32)
-            xsum += x_i
-            # q·16^r as a float without a (slow) int-to-float convert: OR the masked nibble into the
-            # mantissa of 2^23 and subtract 2^23; X is scaled by 16^-r instead (exact, a power of two)
-            # nibbles 4..7 are shifted down first (shifting per use keeps a second word tile out of registers)
-            bits = ((words if i < 4 else words >> 16) & (0xF << (4 * (i % 4)))) | 0x4B000000
-            dot += (bits.to(tl.float32, bitcast=True) - 8388608.0) * (x_i * (1.0 / (1 << (4 * (i % 4)))))
-        acc += tl.sum(s * (tl.sum(dot, 1) - z * tl.sum(xsum, 1)), 1)  # (BN,)
-
-    _epilogue(acc[None, :], tl.arange(0, BLOCK_M), offs_n, M, N, bias_ptr, out_ptr, pid_k, HAS_BIAS, ATOMIC)
-
-
-GEMV_MAX_M = 1  # the CUDA-core kernel wins at M = 1 only (H200: 1.2-1.4x bf16; an M loop was 2x slower at M = 4)
-
-
-def _config(m: int, n: int, k_tiles: int, sms: int):
-    """("gemv", BLOCK_M, BLOCK_N, 1, split_k, num_warps, num_stages) or ("mma", BLOCK_M, BLOCK_N, T, ...)."""
-    # Picked from benchmarks/tune_w4a16.py sweeps on an H200 (2026-11-21, Llama 7B/70B layer shapes).
-    if m <= GEMV_MAX_M:  # one warp per program holding many words in flight; ~8 programs per SM
-        kind, block_m, block_n, t, warps, per_sm = "gemv", 1, 128, 1, 1, 8
+def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True):
+    """(kind, BLOCK_M, R, num_warps, split_k, post_scale, x_smem); kind "mma" (mma_v2) or "wgmma" (sm_90)."""
+    # Picked from benchmarks/tune_w4a16.py sweeps on an H200 (benchmarks/NOTES-w4a16.md).
+    if m <= 8:
+        kind, block_m, r, warps, post, smem, per_sm = "mma", 8, 1, 4, True, False, 8
     elif m <= 16:
-        kind, block_m, block_n, t, warps, per_sm = "mma", 16, 128, 1, 4, 4
-    elif m <= 64:
-        kind, block_m, block_n, t, warps, per_sm = "mma", 64, 64, 1, 4, 4
+        kind, block_m, r, warps, post, smem, per_sm = "mma", 16, 1, 8, False, True, 8
+    elif m <= 32 or not hopper:
+        kind, block_m, r, warps, post, smem, per_sm = "mma", min(64, triton.next_power_of_2(m)), 1, 8, False, True, 4
     else:
-        kind, block_m, block_n, t, warps, per_sm = "mma", 128, 128, 1, 8, 4
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    # small grids leave SMs idle: split K until about per_sm programs per SM (each split >= T tiles)
-    split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles // t))
-    return kind, block_m, block_n, t, split, warps, 3
+        kind, block_m, r, warps, post, smem, per_sm = "wgmma", 64 if m <= 64 else 128, 1, 4, False, True, 2
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 16 * r * warps)
+    split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles))  # small grids leave SMs idle: split K
+    return kind, block_m, r, warps, split, post, smem
+
+
+_WORKSPACES: dict = {}
+# Gluon is experimental and its API moves between Triton releases: the kernels are written for Triton 3.6.
+GLUON_TRITON = "3.6"
+GLUON_OK = triton.__version__.startswith(GLUON_TRITON + ".")
+
+
+def _split_workspace(device, numel: int, tiles: int):
+    """The fp32 split-K workspace and per-tile arrival counters of `device`, all zeros between calls (the
+    kernel re-zeroes what it used). Grown, never shrunk; shared by every call on the device, so two W4A16 GEMMs
+    must not run concurrently on different streams of one device."""
+    ws, count = _WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < numel or count.numel() < tiles:
+        ws = torch.zeros(max(numel, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
+        count = torch.zeros(max(tiles, 0 if count is None else count.numel()), device=device, dtype=torch.int32)
+        _WORKSPACES[device] = ws, count
+    return ws, count
 
 
 def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
@@ -167,24 +382,45 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     """
     m = x.shape[0]
     x = x.contiguous()
-    kp = qweight.shape[1]
-    gs = kp if group_size == -1 else group_size  # per-channel: every k of the row is group 0
-    k_tiles = kp // K_TILE
+    k_tiles = qweight.shape[1] // WORDS_PER_TILE
+    cap = torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    kind, block_m, block_n, t, split, warps, stages = config or _config(m, n, k_tiles, sms)
-    per_split = triton.cdiv(triton.cdiv(k_tiles, split), t) * t
+    kind, block_m, r, warps, split, post, smem = config or _config(m, n, k_tiles, sms, cap[0] == 9)
+    per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per_split)
     atomic = split > 1
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic else x.new_empty((m, n))
     args = (x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-            m, n, k, kp, gs, per_split)
-    flags = dict(SYM=zeros is None, HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_M=block_m, BLOCK_N=block_n,
-                 num_warps=warps, num_stages=stages)
-    if kind == "gemv":
-        if m != 1:
-            raise ValueError(f"the gemv kernel takes one row of X, got M={m}")
-        _w4a16_gemv_kernel[(triton.cdiv(n, block_n), split)](*args, **flags)
-    else:
-        args = (interleave_k(x),) + args[1:]
-        _w4a16_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)](*args, T=t, **flags)
+            m, n, k, k_tiles, per_split)
+    flags = dict(SYM=zeros is None, HAS_BIAS=bias is not None, ATOMIC=atomic)
+    if cap >= (8, 0) and not GLUON_OK:
+        _warn_no_gluon()
+    if cap >= (8, 0) and GLUON_OK:
+        grid = (triton.cdiv(n, N_TILE * r * warps), triton.cdiv(m, block_m), split)
+        if kind == "wgmma":
+            _w4a16_wgmma_kernel[grid](*args, GS=group_size, BLOCK_M=block_m, R=r, NUM_WARPS=warps, num_warps=warps,
+                                      **flags)
+        else:
+            if atomic:  # the kernel reduces the splits itself: Y in x's dtype, no zero fill, no cast
+                out = x.new_empty((m, n))
+                ws, count = _split_workspace(x.device, m * n, grid[0] * grid[1])
+                args = (x,) + args[1:5] + (out,) + args[6:]
+            else:
+                ws = count = out
+            _w4a16_mma_kernel[grid](*args, ws, count, GS=group_size, POST_SCALE=post, X_SMEM=smem,
+                                    EVEN_K=k % K_TILE == 0, BLOCK_M=block_m, R=r, NUM_WARPS=warps,
+                                    num_warps=warps, **flags)
+            return out
+    else:  # the interpreter (CPU tests), a pre-Ampere GPU, or a Triton the Gluon kernels were not written for
+        gs = k_tiles * K_TILE if group_size == -1 else group_size  # per-channel: every k is in group 0
+        block_m, block_n = max(16, min(64, block_m)), 16 * r * warps
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+        _w4a16_dot_kernel[grid](*args, gs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **flags)
     return out.to(x.dtype) if atomic else out
+
+
+@functools.cache
+def _warn_no_gluon():
+    warnings.warn(f"fourbit's W4A16 GPU kernels are written for Triton {GLUON_TRITON} (Gluon's API changes between "
+                  f"releases); with Triton {triton.__version__} W4A16 layers run the slower portable Triton kernel. "
+                  f"Install triton=={GLUON_TRITON}.* for full speed.", stacklevel=3)

@@ -1,7 +1,7 @@
 """W4A16Linear: nn.Linear with 4-bit group-quantized weights in the quick layout (formats/quick.py).
 
-Buffers (the checkpoint format "quick" v1):
-    qweight  int32 (ceil(N/8), ceil(K/128)*128)  uint4 codes, see formats/quick.py
+Buffers (the checkpoint format "quick" v2):
+    qweight  int32 (ceil(N/16), ceil(K/128)*256) uint4 codes, see formats/quick.py
     scales   fp16  (G, N)                        per group of `group_size` input channels (G = 1 per-channel)
     zeros    uint8 (G, N)                        asymmetric only; symmetric codes have an implicit zero of 8
 W[n, k] = (q - z) * s. Scales stay fp16 (as AutoAWQ's) so imported checkpoints dequantize bit-exactly.
@@ -15,7 +15,7 @@ from .. import ops
 from ..config import W4A16Config
 from ..errors import FourbitError
 from ..formats.awq import unpack_awq
-from ..formats.quick import pack_quick
+from ..formats.quick import pack_quick, qweight_shape
 from ..formats.uint4 import group_length
 from ..kernels.ref import w4a16_dequant_ref
 
@@ -28,8 +28,7 @@ class W4A16Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.sym = group_size, sym
         groups = -(-in_features // group_length(in_features, group_size))
-        self.register_buffer("qweight", torch.zeros(-(-out_features // 8), -(-in_features // 128) * 128,
-                                                    dtype=torch.int32))
+        self.register_buffer("qweight", torch.zeros(qweight_shape(out_features, in_features), dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=SCALE_DTYPE))
         self.register_buffer("zeros", None if sym else torch.zeros(groups, out_features, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None

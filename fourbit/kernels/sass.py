@@ -1,0 +1,51 @@
+"""Offline sm_90 compile of a Triton/Gluon kernel on any machine (Triton ships ptxas and cuobjdump): registers,
+shared memory and the SASS instruction list, for tests and probes that check what a kernel compiles to."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+
+@dataclass
+class CompiledSM90:
+    regs: int
+    stack: int
+    shared: int
+    sass_ops: list[str]  # opcodes in program order, e.g. "LDG.E.128"
+    sass: str
+    ttgir: str
+    ptx: str
+
+
+def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int) -> CompiledSM90:
+    """Compile the W4A16 kernel signature (x, qweight, scales, zeros, bias, out, M, N, K, KT, TILES_PER_SPLIT
+    [, ws, counts])
+    for sm_90 with X of `dtype` ("bf16"/"fp16"); pointer and K arguments are taken as 16-aligned."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = list(fn.arg_names)
+    types = [f"*{dtype}", "*i32", "*fp16", "*u8", f"*{dtype}", "*fp32", "i32", "i32", "i32", "i32", "i32"]
+    types += ["*fp32", "*i32"] if "ws_ptr" in names else []  # the split-K workspace and counters
+    sig = {name: (types[i] if i < len(types) else "constexpr") for i, name in enumerate(names)}
+    aligned = [names.index(a) for a in names[:6] + ["N", "K"]]
+    src = GluonASTSource(fn, sig, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-sass", path],
+                              capture_output=True, text=True, check=True).stdout
+    field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)
+    return CompiledSM90(field("REG"), field("STACK"), field("SHARED"), ops, sass, kernel.asm["ttgir"],
+                        kernel.asm["ptx"])
