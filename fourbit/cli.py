@@ -92,7 +92,6 @@ def load_for_cli(args):
     from . import api
     from .config import W4A16Config
     from .errors import FourbitError
-
     from .models.loader import hf_quantization_config
 
     device = _device(args.device)
@@ -236,7 +235,8 @@ def cmd_export(args):
     if args.json:
         print(json.dumps({"out": str(out), "format": args.format, "tokenizer": None if tok is None else tok.path.name}))
     else:
-        print(f"wrote {out} ({args.format})" + ("" if tok else " (no tokenizer found: pass --tokenizer to include one)"))
+        hint = "" if tok else " (no tokenizer found: pass --tokenizer to include one)"
+        print(f"wrote {out} ({args.format}){hint}")
 
 
 def cmd_demo(args):

@@ -83,8 +83,8 @@ def test_ppl_on_gptq_act_order_directory(runs):
     r = one_json(runs["ppl_gptq_act"])
     path = runs["dir"] / "gptq_act"
     tok = fb.Tokenizer(path)
-    ref = fb.perplexity(fb.load(path, dtype=torch.float32), tok.encode((runs["dir"] / "text.txt").read_text(), bos=True),
-                        seq_len=32)
+    ids = tok.encode((runs["dir"] / "text.txt").read_text(), bos=True)
+    ref = fb.perplexity(fb.load(path, dtype=torch.float32), ids, seq_len=32)
     assert r["predictions"] == ref["predictions"] and math.isclose(r["ppl"], ref["ppl"], rel_tol=1e-6)
 
 

@@ -74,7 +74,8 @@ def test_export_round_trip(tmp_path, fmt, arch, group_size, sym):
             assert (tensors[f"model.{name}.qzeros"] == 0x88888888 - 2**32).all()
         if layer.bias is not None:
             assert tensors[f"model.{name}.bias"].dtype == torch.float16
-    assert all(t.dtype == torch.float16 for n, t in tensors.items() if n.endswith(("norm.weight", "embed_tokens.weight")))
+    floats = [t for n, t in tensors.items() if n.endswith(("norm.weight", "embed_tokens.weight"))]
+    assert floats and all(t.dtype == torch.float16 for t in floats)
 
     # and fourbit's importer gives back the same layers, bit for bit
     again = fb.load(out, dtype=torch.float32)
@@ -144,3 +145,12 @@ def test_export_errors(tmp_path):
     layer.zeros[0, 0] = 16  # only GPTQ v1 imports make these
     with pytest.raises(FourbitError, match="zero point of 16.*export --format gptq"):
         fb.export(model, tmp_path / "o5", format="awq")
+
+
+def test_shapes_the_formats_cannot_hold(tmp_path):
+    """stories260K-like shapes: a hidden size of 172 is not a multiple of 8 (both formats pack 8 per int32)."""
+    model = _rtn_model(tmp_path, group_size=-1, intermediate_size=172)
+    with pytest.raises(FourbitError, match="model.layers.0.mlp.gate_proj: AutoAWQ .* out_features=172"):
+        fb.export(model, tmp_path / "awq", format="awq")
+    with pytest.raises(FourbitError, match="model.layers.0.mlp.gate_proj: .*out_features=172 must both be multiples"):
+        fb.export(model, tmp_path / "gptq", format="gptq")

@@ -60,6 +60,13 @@ def _rope_rows(model: LlamaModel, name: str) -> torch.Tensor | None:
     return hf_rope_rows(c.n_heads if name.endswith("q_proj") else c.n_kv_heads, c.head_dim)
 
 
+def _permutation(m: W4A16Linear) -> torch.Tensor | None:
+    """The layer's input permutation (int64), None when it has none or it is the identity."""
+    if m.perm is None or torch.equal(m.perm.long(), torch.arange(m.in_features, device=m.perm.device)):
+        return None
+    return m.perm.long()
+
+
 def _export_layer(name: str, m: W4A16Linear, format: str, rows) -> dict[str, torch.Tensor]:
     """One W4A16Linear -> its AWQ or GPTQ tensors (HF names)."""
     n, k = m.out_features, m.in_features
@@ -71,9 +78,7 @@ def _export_layer(name: str, m: W4A16Linear, format: str, rows) -> dict[str, tor
         codes, scales = codes[rows], scales[rows]
         zeros = None if zeros is None else zeros[rows]
         bias = None if bias is None else bias[rows]
-    perm = None if m.perm is None else m.perm.long()
-    if perm is not None and torch.equal(perm, torch.arange(k, device=perm.device)):
-        perm = None
+    perm = _permutation(m)
     hf = to_hf_name(name)
     if format == "awq":
         if perm is not None:
@@ -85,6 +90,9 @@ def _export_layer(name: str, m: W4A16Linear, format: str, rows) -> dict[str, tor
         if m.group_size != -1 and k % m.group_size:
             raise FourbitError(f"{hf}: in_features={k} is not a multiple of the group size {m.group_size}, which "
                                f"AutoAWQ requires: quantize with a group size that divides it, or -1")
+        if n % 8:
+            raise FourbitError(f"{hf}: AutoAWQ packs 8 output channels per int32, so out_features={n} (not a multiple "
+                               f"of 8) cannot be exported to AWQ")
         qweight, qzeros, s = pack_awq(codes, scales, zeros)
         out = {"qweight": qweight, "qzeros": qzeros, "scales": s}
     else:
@@ -110,8 +118,7 @@ def _quantization_config(model: LlamaModel, layers: dict, format: str, float_lay
     if format == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": gs, "zero_point": True, "version": "gemm",
                 "modules_to_not_convert": float_layers or None}
-    desc_act = any(m.perm is not None and not torch.equal(m.perm.long(), torch.arange(m.in_features, device=m.perm.device))
-                   for m in layers.values())
+    desc_act = any(_permutation(m) is not None for m in layers.values())
     d = {"quant_method": "gptq", "bits": 4, "group_size": gs, "desc_act": desc_act, "sym": quant.sym,
          "checkpoint_format": "gptq", "lm_head": False, "static_groups": False, "true_sequential": True}
     if float_layers:  # GPTQModel's per-module rule: "-:" skips a module (vLLM reads it too)

@@ -59,7 +59,8 @@ def parse_quantization_config(qc: dict) -> QuantSpec:
     """Validate a quantization_config; raise a FourbitError naming what is supported otherwise."""
     method = str(qc.get("quant_method", "")).lower()
     if method not in ("awq", "gptq"):
-        raise FourbitError(f"quantization method {qc.get('quant_method')!r} is not supported: fourbit imports {SUPPORTED}")
+        raise FourbitError(f"quantization method {qc.get('quant_method')!r} is not supported: "
+                           f"fourbit imports {SUPPORTED}")
     bits = qc.get("bits", qc.get("w_bit"))
     if bits != 4:
         raise FourbitError(f"{bits}-bit {method.upper()} checkpoints are not supported: fourbit imports {SUPPORTED}")
@@ -103,7 +104,8 @@ def unpack_layer(spec: QuantSpec, tensors: dict, name: str) -> Unpacked:
     if spec.method == "awq":
         codes, s, z = unpack_awq(qweight, qzeros, scales)  # (N, K), (N, G), (N, G)
         k, groups = codes.shape[1], s.shape[1]
-        if groups != (1 if spec.group_size == -1 else k // spec.group_size) or (spec.group_size != -1 and k % spec.group_size):
+        gs = spec.group_size
+        if groups != (1 if gs == -1 else k // gs) or (gs != -1 and k % gs):
             raise FourbitError(f"{name}: {groups} scale groups for in_features={k} do not match the checkpoint's "
                                f"group_size {spec.group_size}: the config and the weights disagree")
         return Unpacked(codes, s, z, default_g_idx(k, k // groups).long())
