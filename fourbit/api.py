@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -32,6 +31,9 @@ def quantize(model: nn.Module, config: W4A16Config, filter=None, report: dict | 
     """
     if not isinstance(config, W4A16Config):
         raise FourbitError(f"expected a W4A16Config, got {type(config).__name__}")
+    if config.algo != "rtn" or config.permuted:
+        raise FourbitError(f"quantize() runs algo='rtn' without permutations (got algo={config.algo!r}, permuted="
+                           f"{config.permuted}): 'awq'/'gptq' and permuted describe imported checkpoints")
     if filter is None:
         filter = lambda name, module: not name.endswith("lm_head")  # noqa: E731
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and filter(n, m)]
@@ -66,11 +68,7 @@ def save(model: LlamaModel, path: str | Path, tokenizer: Tokenizer | None = None
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:
-        # under the standard name, so loading the checkpoint finds it without --tokenizer
-        shutil.copyfile(tokenizer.path, path / ("tokenizer" + tokenizer.path.suffix))
-        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
-            if (tokenizer.path.parent / extra).is_file():
-                shutil.copyfile(tokenizer.path.parent / extra, path / extra)
+        tokenizer.copy_to(path)
     return path
 
 
@@ -84,12 +82,26 @@ def load_fourbit(path: Path, dtype: torch.dtype | None = None, device="cpu") -> 
     quant = W4A16Config.from_dict(meta["quantization_config"]) if "quantization_config" in meta else None
     dtype = dtype or getattr(torch, meta.get("torch_dtype", "float32"))
     kwargs = {} if quant is None else {"make_linear": linear_factory(quant)}
-    model = build(config, read_safetensors(path), dtype, device, **kwargs)
+    tensors = read_safetensors(path)
+    # projections stored as .weight stay float (an imported checkpoint's modules_to_not_convert)
+    float_linears = {n.removesuffix(".weight") for n in tensors if n.endswith("_proj.weight")}
+    model = build(config, tensors, dtype, device, float_linears=float_linears, **kwargs)
     if quant is not None:
         model.quant_config = quant
     return model
 
 
 def load(path: str | Path, dtype: torch.dtype | None = None, device="cpu", seed: int = 0) -> LlamaModel:
-    """Load a fourbit checkpoint, a Hugging Face directory, a llama2.c .bin, or dummy:<preset> (seeded)."""
+    """Load a fourbit checkpoint, a Hugging Face directory (float, AutoAWQ GEMM or GPTQ v1), a llama2.c .bin, or
+    dummy:<preset> (seeded)."""
     return load_model(str(path), dtype, device, seed)
+
+
+def export(model: LlamaModel, path: str | Path, format: str = "awq", tokenizer: Tokenizer | None = None) -> Path:
+    """Write a W4A16 model as a Hugging Face checkpoint other tools read: format "awq" (AutoAWQ GEMM) or "gptq" (v1).
+
+    path must be new or an empty directory. See interop/exporter.py for what each format can hold.
+    """
+    from .interop.exporter import export_hf
+
+    return export_hf(model, Path(path), format, tokenizer)

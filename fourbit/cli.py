@@ -1,4 +1,4 @@
-"""`fourbit generate | ppl | quantize | demo | bench`: the command line, one command per API entry point.
+"""`fourbit generate | ppl | quantize | export | demo | bench`: the command line, one command per API entry point.
 
 Errors a user can cause print one line (`fourbit: error: ...`) and exit 1; progress bars go to stderr.
 """
@@ -16,7 +16,8 @@ FLOAT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def _model_args(p: argparse.ArgumentParser):
     p.add_argument("model", metavar="MODEL",
-                   help="Hugging Face directory, llama2.c .bin, fourbit checkpoint directory, or dummy:<preset>")
+                   help="Hugging Face directory (float, AutoAWQ GEMM or GPTQ v1), llama2.c .bin, fourbit checkpoint "
+                        "directory, or dummy:<preset>")
     p.add_argument("--tokenizer", help="tokenizer.model (SentencePiece) or tokenizer.json; default: found beside MODEL")
     p.add_argument("--scheme", choices=SCHEMES,
                    help="weights/activations: a float dtype, or w4a16 (quantized on load unless MODEL already is); "
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a fourbit checkpoint")
     _model_args(q)
     q.add_argument("--out", required=True, help="output directory")
+
+    e = sub.add_parser("export", help="write a w4a16 model as an AutoAWQ GEMM or GPTQ v1 checkpoint directory")
+    _model_args(e)
+    e.add_argument("--format", required=True, choices=("awq", "gptq"), help="checkpoint format to write")
+    e.add_argument("--out", required=True, help="output directory (new or empty)")
 
     d = sub.add_parser("demo", help="quantize a dummy model and time a decode step, bf16 vs w4a16")
     d.add_argument("--preset", help="dummy preset (default: llama-2-7b on a GPU, tiny on a CPU)")
@@ -86,11 +92,14 @@ def load_for_cli(args):
     from . import api
     from .config import W4A16Config
     from .errors import FourbitError
+    from .models.loader import hf_quantization_config
 
     device = _device(args.device)
     default = "bf16" if device.type == "cuda" else "fp32"
     config_json = Path(args.model) / "config.json"
-    quantized_source = config_json.is_file() and "quantization_config" in json.loads(config_json.read_text())
+    # a fourbit checkpoint, or an AutoAWQ / GPTQ directory (which may keep its config in a side file)
+    quantized_source = config_json.is_file() and \
+        hf_quantization_config(Path(args.model), json.loads(config_json.read_text())) is not None
     scheme = args.scheme or ("w4a16" if quantized_source else default)
     if quantized_source and scheme != "w4a16":
         raise FourbitError(f"{args.model} holds w4a16 weights: drop --scheme {scheme} (or use --scheme w4a16)")
@@ -206,6 +215,30 @@ def cmd_quantize(args):
         print(f"wrote {out}" + ("" if tok else " (no tokenizer found: pass --tokenizer to include one)"))
 
 
+def cmd_export(args):
+    from . import api
+    from .errors import FourbitError
+    from .interop.exporter import check_out_dir
+
+    if (args.scheme or "w4a16") != "w4a16":
+        raise FourbitError(f"fourbit export writes w4a16 checkpoints: drop --scheme {args.scheme}")
+    check_out_dir(Path(args.out))  # fail before the work, not after it
+    args.scheme = "w4a16"
+    model = load_for_cli(args)
+    tok = None
+    try:
+        tok = _tokenizer(args, model)
+    except FourbitError:
+        if args.tokenizer:
+            raise  # a tokenizer the user named must load; a missing default one is only skipped
+    out = api.export(model, args.out, args.format, tok)
+    if args.json:
+        print(json.dumps({"out": str(out), "format": args.format, "tokenizer": None if tok is None else tok.path.name}))
+    else:
+        hint = "" if tok else " (no tokenizer found: pass --tokenizer to include one)"
+        print(f"wrote {out} ({args.format}){hint}")
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -226,8 +259,8 @@ def cmd_bench(args):
     run_gemm_bench(args.shapes, tuple(args.m or M_VALUES), args.group_size, args.out)
 
 
-COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "quantize": cmd_quantize, "demo": cmd_demo,
-            "bench": cmd_bench}
+COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "quantize": cmd_quantize, "export": cmd_export,
+            "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .errors import FourbitError
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel (per-channel)
+ALGOS = ("rtn", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -56,19 +57,22 @@ class W4A16Config:
     """4-bit weights (uint4 codes in groups along the input dim), 16-bit activations.
 
     group_size: 32, 64, 128, or -1 for one group per output channel. sym: zero point fixed at 8 instead of
-    a per-group uint4 zero. algo: how the codes are chosen ("rtn" now; "awq", "gptq" later).
+    a per-group uint4 zero. algo: how the codes were chosen ("rtn"; "awq", "gptq" also name the origin of imported
+    AutoAWQ / GPTQ checkpoints). permuted: the layers carry an input-channel permutation `perm` (GPTQ act-order
+    checkpoints, whose groups are scattered over the input channels; see nn/linear.py).
     """
     group_size: int = 128
     sym: bool = False
     algo: str = "rtn"
+    permuted: bool = False
     format: str = field(default="quick", init=False)
     version: int = field(default=2, init=False)  # of the quick layout (formats/quick.py)
 
     def __post_init__(self):
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise FourbitError(f"group size {self.group_size} is not supported: use one of 32, 64, 128 or -1 (per-channel)")
-        if self.algo not in ("rtn",):
-            raise FourbitError(f"quantization algorithm {self.algo!r} is not available: use 'rtn'")
+        if self.algo not in ALGOS:
+            raise FourbitError(f"quantization algorithm {self.algo!r} is not known: use one of {', '.join(ALGOS)}")
 
     def to_dict(self) -> dict:
         return {"quant_method": "fourbit", "scheme": "w4a16", **dataclasses.asdict(self)}
@@ -83,7 +87,8 @@ class W4A16Config:
         if d.get("version") != 2:
             raise FourbitError(f"fourbit W4A16 format version {d.get('version')} is newer than this fourbit "
                                f"understands (2): upgrade fourbit")
-        return cls(group_size=d["group_size"], sym=d["sym"], algo=d["algo"])
+        # permuted came later: checkpoints written before it have no input permutations
+        return cls(group_size=d["group_size"], sym=d["sym"], algo=d["algo"], permuted=d.get("permuted", False))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Build a LlamaModel from a Hugging Face directory, a llama2.c checkpoint, a fourbit checkpoint or a dummy preset.
 
+Hugging Face directories holding AutoAWQ / GPTQ weights (a quantization_config) go to fourbit/interop/importer.py.
+
 Weights come only from safetensors or llama2.c's raw float32 format: nothing is unpickled.
 Models are built on the meta device and their tensors assigned, so memory holds one copy of the weights.
 """
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
+from torch import nn
 from tqdm import tqdm
 
 from ..config import ModelConfig
@@ -50,6 +53,10 @@ def load_model(path: str, dtype: torch.dtype | None = None, device="cpu", seed: 
             from ..api import load_fourbit  # the quantized layers live above the models package
 
             return load_fourbit(p, dtype, device)
+        if hf_quantization_config(p, cfg) is not None:
+            from ..interop.importer import load_quantized_hf
+
+            return load_quantized_hf(p, dtype, device)
         return load_hf(p, dtype, device)
     if not p.exists():
         raise FourbitError(f"model not found: {path} (expected a Hugging Face directory, a llama2.c .bin, "
@@ -59,13 +66,23 @@ def load_model(path: str, dtype: torch.dtype | None = None, device="cpu", seed: 
 
 
 def build(config: ModelConfig, tensors: dict, dtype, device, make_linear: LinearFactory = default_linear,
-          source_name=lambda name: name):
+          source_name=lambda name: name, float_linears=()):
     """Instantiate on the meta device, then assign `tensors` (names as in LlamaModel.state_dict()).
 
-    source_name maps our tensor names back to the checkpoint's, for error messages.
+    source_name maps our tensor names back to the checkpoint's, for error messages. float_linears names projections
+    (e.g. "layers.0.mlp.down_proj") that are plain nn.Linear whatever make_linear builds: a quantized checkpoint
+    may leave some layers in float.
     """
     with torch.device("meta"):
         model = LlamaModel(config, make_linear)
+        modules = dict(model.named_modules())
+        for name in float_linears:
+            old = modules.get(name)
+            if old is None or isinstance(old, nn.Linear):
+                continue  # not a projection of this model: reported below as unexpected tensors
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    nn.Linear(old.in_features, old.out_features, bias=old.bias is not None))
     expected = model.state_dict()
     missing = [source_name(n) for n in expected if n not in tensors]
     unexpected = [source_name(n) for n in tensors if n not in expected]
@@ -110,6 +127,71 @@ def hf_config(d: dict) -> ModelConfig:
     return config
 
 
+def hf_config_dict(config: ModelConfig, dtype: str = "float16") -> dict:
+    """The Hugging Face config.json fields of a model (the inverse of hf_config), for exported checkpoints.
+
+    Interleaved-RoPE models (llama2.c, Meta) are described as HF rotate_half models: the exporter permutes their
+    q/k rows (hf_rope_rows).
+    """
+    c = config
+    if c.qkv_bias and c.sliding_window:
+        raise FourbitError("a model with qkv bias and a sliding window has no Hugging Face architecture fourbit writes")
+    arch = "Qwen2ForCausalLM" if c.qkv_bias else "MistralForCausalLM" if c.sliding_window else "LlamaForCausalLM"
+    d = {"architectures": [arch], "model_type": arch.removesuffix("ForCausalLM").lower(),
+         "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.hidden_dim,
+         "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+         "head_dim": c.head_dim, "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+         "rope_scaling": c.rope_scaling, "tie_word_embeddings": c.tie_embeddings,
+         "max_position_embeddings": c.max_seq_len, "bos_token_id": c.bos_id,
+         "eos_token_id": c.eos_ids[0] if len(c.eos_ids) == 1 else (list(c.eos_ids) or None),
+         "torch_dtype": dtype, "use_cache": True}
+    if arch == "LlamaForCausalLM":
+        d.update(attention_bias=False, mlp_bias=False)
+    elif arch == "MistralForCausalLM":
+        d["sliding_window"] = c.sliding_window
+    else:
+        d.update(use_sliding_window=False, sliding_window=None)
+    return d
+
+
+def hf_rope_rows(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Row order turning an interleaved-RoPE q/k projection (pairs 2i, 2i+1) into HF's rotate_half one (pairs
+    i, i + D/2): HF row h*D + j*D/2 + i is our row h*D + 2i + j -> index (n_heads * head_dim,)."""
+    within = torch.arange(head_dim).view(head_dim // 2, 2).t().reshape(head_dim)
+    return (torch.arange(n_heads)[:, None] * head_dim + within).reshape(-1)
+
+
+def to_hf_name(name: str) -> str:
+    """Our tensor name -> the Hugging Face one (the decoder lives under "model.", the classifier does not)."""
+    return name if name.startswith("lm_head") else "model." + name
+
+
+def from_hf_names(tensors: dict, config: ModelConfig) -> dict:
+    """Hugging Face tensor names -> ours, dropping what we recompute (rotary inv_freq) or share (tied lm_head)."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from the config
+        out[name.removeprefix("model.")] = t
+    if config.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")  # AutoGPTQ's and AutoAWQ's older side files
+
+
+def hf_quantization_config(folder: Path, cfg: dict) -> dict | None:
+    """A Hugging Face directory's quantization_config: from config.json, else from an older side file."""
+    if cfg.get("quantization_config"):
+        return cfg["quantization_config"]
+    for name in QUANT_CONFIG_FILES:
+        if (folder / name).is_file():
+            d = json.loads((folder / name).read_text())
+            return {"quant_method": "gptq" if name == "quantize_config.json" else "awq", **d}
+    return None
+
+
 def read_safetensors(folder: Path) -> dict:
     """All tensors of a (possibly sharded) safetensors checkpoint, by name."""
     index = folder / "model.safetensors.index.json"
@@ -139,14 +221,8 @@ def load_hf(folder: Path, dtype=None, device="cpu") -> LlamaModel:
     config = hf_config(d)
     if dtype is None:
         dtype = getattr(torch, d.get("torch_dtype") or "float32")
-    tensors = {}
-    for name, t in read_safetensors(folder).items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # recomputed from the config
-        tensors[name.removeprefix("model.")] = t
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    return build(config, tensors, dtype, device, source_name=lambda n: n if n.startswith("lm_head") else "model." + n)
+    tensors = from_hf_names(read_safetensors(folder), config)
+    return build(config, tensors, dtype, device, source_name=to_hf_name)
 
 
 # ---------------------------------------------------------------- llama2.c

@@ -60,6 +60,16 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def copy_to(self, folder: Path) -> None:
+        """Copy the tokenizer file into folder under its standard name (found there without --tokenizer), with the
+        tokenizer_config.json / special_tokens_map.json beside it when present."""
+        import shutil
+
+        shutil.copyfile(self.path, folder / ("tokenizer" + self.path.suffix))
+        for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (self.path.parent / extra).is_file():
+                shutil.copyfile(self.path.parent / extra, folder / extra)
+
     def decode(self, ids: list[int]) -> str:
         if self._sp is not None:
             return self._sp.decode(ids)
