@@ -192,6 +192,18 @@ def cmd_ppl(args):
               f"predictions in {result['windows']} windows of {result['seq_len']})")
 
 
+def _optional_tokenizer(args, model):
+    """The tokenizer to ship beside a written checkpoint: one the user named must load; a missing default is skipped."""
+    from .errors import FourbitError
+
+    try:
+        return _tokenizer(args, model)
+    except FourbitError:
+        if args.tokenizer:
+            raise
+        return None
+
+
 def cmd_quantize(args):
     from . import api
     from .errors import FourbitError
@@ -202,12 +214,7 @@ def cmd_quantize(args):
         raise FourbitError(f"--out {args.out} exists and is not a directory: choose another output directory")
     args.scheme = "w4a16"
     model = load_for_cli(args)
-    tok = None
-    try:
-        tok = _tokenizer(args, model)
-    except FourbitError:
-        if args.tokenizer:
-            raise  # a tokenizer the user named must load; a missing default one is only skipped
+    tok = _optional_tokenizer(args, model)
     out = api.save(model, args.out, tok)
     if args.json:
         print(json.dumps({"out": str(out), "tokenizer": None if tok is None else tok.path.name}))
@@ -225,12 +232,7 @@ def cmd_export(args):
     check_out_dir(Path(args.out))  # fail before the work, not after it
     args.scheme = "w4a16"
     model = load_for_cli(args)
-    tok = None
-    try:
-        tok = _tokenizer(args, model)
-    except FourbitError:
-        if args.tokenizer:
-            raise  # a tokenizer the user named must load; a missing default one is only skipped
+    tok = _optional_tokenizer(args, model)
     out = api.export(model, args.out, args.format, tok)
     if args.json:
         print(json.dumps({"out": str(out), "format": args.format, "tokenizer": None if tok is None else tok.path.name}))

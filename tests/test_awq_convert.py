@@ -4,18 +4,13 @@ import torch
 
 from fourbit.errors import FourbitError
 from fourbit.nn.linear import W4A16Linear
-
-ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds column 8c + ORDER[i]
+from quant_fixtures import unpack_awq_ref
 
 
 def _awq_dequant_fp16(qweight, qzeros, scales, group_size):
     """AutoAWQ's dequantization written out independently: ((q - z) * s) in fp16 -> W (N, K)."""
-    k, n8 = qweight.shape
-    q = torch.empty(k, 8 * n8, dtype=torch.int64)
-    z = torch.empty(qzeros.shape[0], 8 * n8, dtype=torch.int64)
-    for i, col in enumerate(ORDER):
-        q[:, col::8] = (qweight.long() >> (4 * i)) & 0xF
-        z[:, col::8] = (qzeros.long() >> (4 * i)) & 0xF
+    q, z = (t.t() for t in unpack_awq_ref(qweight, qzeros))  # (K, N), (G, N)
+    k = q.shape[0]
     g = k if group_size == -1 else group_size
     zk, sk = z.repeat_interleave(g, 0), scales.repeat_interleave(g, 0)  # (K, N)
     return ((q - zk).half() * sk).t()

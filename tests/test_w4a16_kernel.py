@@ -61,8 +61,10 @@ _CASES = {
     "mma-bf16-g128": ("_w4a16_mma_kernel", "bf16", dict(GS=128, SYM=False, **_MMA)),
     "mma-fp16-g32": ("_w4a16_mma_kernel", "fp16", dict(GS=32, SYM=False, **_MMA)),
     "mma-bf16-perchannel-sym": ("_w4a16_mma_kernel", "bf16", dict(GS=-1, SYM=True, **_MMA)),
-    "wgmma-bf16-g128": ("_w4a16_wgmma_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False, ATOMIC=True,
+    "wgmma-bf16-g128": ("_w4a16_wgmma_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False, ATOMIC=False,
                                                             BLOCK_M=128, R=1, NUM_WARPS=4)),
+    "wgmma-bf16-g128-split": ("_w4a16_wgmma_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=True, ATOMIC=True,
+                                                                  BLOCK_M=64, R=1, NUM_WARPS=4)),
 }
 
 
@@ -93,8 +95,9 @@ def test_mma_kernel_keeps_dequantized_weights_in_registers(compiled, case):
     assert sum(n for op, n in k["ops"].items() if op.startswith("HMMA.16816")) >= 8  # 8 k16 slices per tile
 
 
-def test_wgmma_kernel_feeds_register_weights_to_wgmma(compiled):
-    k = compiled["wgmma-bf16-g128"]
+@pytest.mark.parametrize("case", [c for c in _CASES if c.startswith("wgmma")])
+def test_wgmma_kernel_feeds_register_weights_to_wgmma(compiled, case):
+    k = compiled[case]
     assert k["stack"] == 0
     assert sum(n for op, n in k["ops"].items() if op.startswith("HGMMA")) >= 8
     # shared stores are X's tile only: one (128, 128) bf16 tile = 32 KB = 16 x 128-bit stores per thread

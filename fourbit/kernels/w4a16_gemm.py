@@ -21,8 +21,8 @@ as the A operand, so a decode batch fills the instruction's n = 8 instead of was
   fp32 workspace and the last split of each output tile (a counter) writes Y and re-zeroes the workspace, so a
   call is one launch. The order of the adds varies, so split results can differ in the last bit run to run.
 `_w4a16_wgmma_kernel` (sm_90, M > 32) feeds the same register fragments to wgmma (m64nBLOCK_Mk16), with X's
-tile in NVMMA-swizzled shared memory. Measured (H100, 2026-11-21, benchmarks/results/): 1.9-2.6x cuBLAS bf16
-at M = 1, 1.25-2.5x at M = 16, 0.84-1.45x at M = 64, 0.4-0.65x at M >= 256; benchmarks/NOTES-w4a16.md has
+tile in NVMMA-swizzled shared memory. Measured (H100, 2026-11-21, benchmarks/results/): 2.1-2.7x cuBLAS bf16
+at M = 1, 1.4-2.5x at M = 16, 0.84-1.45x at M = 64, 0.4-0.65x at M >= 256; benchmarks/NOTES-w4a16.md has
 what limits each and what was tried.
 
 `_w4a16_dot_kernel` (Triton, tl.dot) computes the same product from the same layout; it runs under
@@ -105,6 +105,46 @@ def _group_params(s_ptr, z_ptr, g, rows, ok, N, SYM: gl.constexpr, BF16: gl.cons
 
 
 @gluon.jit
+def _word_offsets(pid_n, N, KT, RB: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Offsets (RB, lane, word) of this program's 16-row blocks in tile 0, and their mask (rows past N)."""
+    w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
+    rb = pid_n * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
+    word = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
+    w_off = rb[:, None, None] * (KT * 256) + (lane * 8)[None, :, None] + word[None, None, :]
+    w_ok = (rb < (N + 15) // 16)[:, None, None] & (word < 8)[None, None, :]
+    return w_off, w_ok
+
+
+@gluon.jit
+def _write_out(acc, rows, rows_ok, pid_m, pid_k, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr,
+               HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr):
+    """acc (BN, BLOCK_M) fp32 = Yᵀ's tile -> Y, bias added once (by the first K split).
+
+    With ATOMIC (split K) the call stays one launch: every split adds its part into an fp32 workspace that is
+    all zeros between calls; the split that arrives last (a counter per output tile) writes Y and re-zeroes both.
+    """
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + rows, mask=rows_ok & (pid_k == 0), other=0).to(gl.float32)
+        acc += bias[:, None]
+    cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc.type.layout))
+    out_off = cols[None, :] * N + rows[:, None]
+    out_mask = rows_ok[:, None] & (cols < M)[None, :]
+    if ATOMIC:
+        gl.atomic_add(ws_ptr + out_off, acc, mask=out_mask, sem="relaxed")  # plain RED: no fence per element
+        gl.thread_barrier()  # every thread's adds are issued before the release below
+        tile = pid_m * gl.num_programs(0) + gl.program_id(0)
+        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == gl.num_programs(2) - 1:
+            total = gl.load(ws_ptr + out_off, mask=out_mask, other=0.0, cache_modifier=".cg")  # from L2
+            gl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            gl.store(ws_ptr + out_off, gl.zeros_like(total), mask=out_mask)
+            gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")
+    else:
+        gl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@gluon.jit
 def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
                       ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                       POST_SCALE: gl.constexpr, X_SMEM: gl.constexpr, EVEN_K: gl.constexpr,
@@ -119,7 +159,6 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
                                                   instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
 
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -127,11 +166,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
     kt0 = pid_k * TILES_PER_SPLIT
     kt1 = gl.minimum(kt0 + TILES_PER_SPLIT, KT)
 
-    rb = pid_n * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
-    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
-    word = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
-    w_off = rb[:, None, None] * (KT * 256) + (lane * 8)[None, :, None] + word[None, None, :]
-    w_ok = (rb < (N + 15) // 16)[:, None, None] & (word < 8)[None, None, :]
+    w_off, w_ok = _word_offsets(pid_n, N, KT, RB, NUM_WARPS)
     w0, w1 = _load_tile(qw_ptr, w_off + kt0 * 256, w_ok & (kt0 < kt1), RB)
 
     rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w0.type.layout))  # as the words hold them
@@ -201,31 +236,13 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 
     if PER_CHANNEL and POST_SCALE:
         acc *= gl.load(s_ptr + acc_rows, mask=acc_rows_ok, other=0).to(gl.float32)[:, None]
-    if HAS_BIAS:  # added once, by the first K split
-        bias = gl.load(bias_ptr + acc_rows, mask=acc_rows_ok & (pid_k == 0), other=0).to(gl.float32)
-        acc += bias[:, None]
-    cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    out_off = cols[None, :] * N + acc_rows[:, None]
-    out_mask = acc_rows_ok[:, None] & (cols < M)[None, :]
-    if ATOMIC:
-        # Split K without extra launches: every split adds its part into an fp32 workspace that is all zeros
-        # between calls; the split that arrives last (a counter per output tile) writes Y and re-zeroes both.
-        gl.atomic_add(ws_ptr + out_off, acc, mask=out_mask, sem="relaxed")
-        gl.thread_barrier()  # every thread's adds are issued before the release below
-        tile = pid_m * gl.num_programs(0) + pid_n
-        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == gl.num_programs(2) - 1:
-            total = gl.load(ws_ptr + out_off, mask=out_mask, other=0.0, cache_modifier=".cg")  # from L2
-            gl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=out_mask)
-            gl.store(ws_ptr + out_off, gl.zeros_like(total), mask=out_mask)
-            gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")
-    else:
-        gl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _write_out(acc, acc_rows, acc_rows_ok, pid_m, pid_k, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
+               ATOMIC, BLOCK_M)
 
 
 @gluon.jit
 def _w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
-                        GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
+                        ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                         BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr):
     """Large M on Hopper: the same register A fragments fed to wgmma (m64nBLOCK_Mk16, one warpgroup per 64
     rows), X (the B operand) staged in shared memory per 128-wide tile; scales applied in the dequant."""
@@ -237,7 +254,6 @@ def _w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K,
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
     x_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -245,11 +261,7 @@ def _w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K,
     kt0 = pid_k * TILES_PER_SPLIT
     kt1 = gl.minimum(kt0 + TILES_PER_SPLIT, KT)
 
-    rb = pid_n * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
-    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
-    word = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
-    w_off = rb[:, None, None] * (KT * 256) + (lane * 8)[None, :, None] + word[None, None, :]
-    w_ok = (rb < (N + 15) // 16)[:, None, None] & (word < 8)[None, None, :]
+    w_off, w_ok = _word_offsets(pid_n, N, KT, RB, NUM_WARPS)
     w0, w1 = _load_tile(qw_ptr, w_off + kt0 * 256, w_ok & (kt0 < kt1), RB)
     rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w0.type.layout))
     rows_ok = rows < N
@@ -285,17 +297,8 @@ def _w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K,
         w0, w1 = n0, n1
 
     acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
-    acc_rows_ok = acc_rows < N
-    if HAS_BIAS:
-        bias = gl.load(bias_ptr + acc_rows, mask=acc_rows_ok & (pid_k == 0), other=0).to(gl.float32)
-        acc += bias[:, None]
-    cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-    out_off = cols[None, :] * N + acc_rows[:, None]
-    out_mask = acc_rows_ok[:, None] & (cols < M)[None, :]
-    if ATOMIC:
-        gl.atomic_add(out_ptr + out_off, acc, mask=out_mask, sem="relaxed")  # plain RED: no fence per element
-    else:
-        gl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    _write_out(acc, acc_rows, acc_rows < N, pid_m, pid_k, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
+               ATOMIC, BLOCK_M)
 
 
 @triton.jit
@@ -389,33 +392,29 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per_split)
     atomic = split > 1
-    out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic else x.new_empty((m, n))
-    args = (x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-            m, n, k, k_tiles, per_split)
+    args = (x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales)
+    sizes = (m, n, k, k_tiles, per_split)
     flags = dict(SYM=zeros is None, HAS_BIAS=bias is not None, ATOMIC=atomic)
     if cap >= (8, 0) and not GLUON_OK:
         _warn_no_gluon()
-    if cap >= (8, 0) and GLUON_OK:
+    if cap >= (8, 0) and GLUON_OK:  # the kernels reduce K splits themselves: one launch, Y in x's dtype
+        out = x.new_empty((m, n))
         grid = (triton.cdiv(n, N_TILE * r * warps), triton.cdiv(m, block_m), split)
+        ws, count = _split_workspace(x.device, m * n, grid[0] * grid[1]) if atomic else (out, out)
         if kind == "wgmma":
-            _w4a16_wgmma_kernel[grid](*args, GS=group_size, BLOCK_M=block_m, R=r, NUM_WARPS=warps, num_warps=warps,
-                                      **flags)
+            _w4a16_wgmma_kernel[grid](*args, out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m, R=r,
+                                      NUM_WARPS=warps, num_warps=warps, **flags)
         else:
-            if atomic:  # the kernel reduces the splits itself: Y in x's dtype, no zero fill, no cast
-                out = x.new_empty((m, n))
-                ws, count = _split_workspace(x.device, m * n, grid[0] * grid[1])
-                args = (x,) + args[1:5] + (out,) + args[6:]
-            else:
-                ws = count = out
-            _w4a16_mma_kernel[grid](*args, ws, count, GS=group_size, POST_SCALE=post, X_SMEM=smem,
+            _w4a16_mma_kernel[grid](*args, out, *sizes, ws, count, GS=group_size, POST_SCALE=post, X_SMEM=smem,
                                     EVEN_K=k % K_TILE == 0, BLOCK_M=block_m, R=r, NUM_WARPS=warps,
                                     num_warps=warps, **flags)
-            return out
-    else:  # the interpreter (CPU tests), a pre-Ampere GPU, or a Triton the Gluon kernels were not written for
-        gs = k_tiles * K_TILE if group_size == -1 else group_size  # per-channel: every k is in group 0
-        block_m, block_n = max(16, min(64, block_m)), 16 * r * warps
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-        _w4a16_dot_kernel[grid](*args, gs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **flags)
+        return out
+    # the interpreter (CPU tests), a pre-Ampere GPU, or a Triton the Gluon kernels were not written for
+    out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic else x.new_empty((m, n))
+    gs = k_tiles * K_TILE if group_size == -1 else group_size  # per-channel: every k is in group 0
+    block_m, block_n = max(16, min(64, block_m)), 16 * r * warps
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    _w4a16_dot_kernel[grid](*args, out, *sizes, gs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **flags)
     return out.to(x.dtype) if atomic else out
 
 
