@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .errors import FourbitError
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel (per-channel)
+ALGOS = ("rtn", "awq", "gptq")  # how W4A16 codes are chosen; awq and gptq need calibration data
 
 
 @dataclass(frozen=True)
@@ -56,19 +57,27 @@ class W4A16Config:
     """4-bit weights (uint4 codes in groups along the input dim), 16-bit activations.
 
     group_size: 32, 64, 128, or -1 for one group per output channel. sym: zero point fixed at 8 instead of
-    a per-group uint4 zero. algo: how the codes are chosen ("rtn" now; "awq", "gptq" later).
+    a per-group uint4 zero. algo: how the codes are chosen: "rtn" (round to nearest, no data), "awq" or "gptq"
+    (both need calibration data, see fourbit.quantize_). act_order (GPTQ only): quantize columns in order of
+    decreasing Hessian diagonal, with group parameters fixed up front ("static groups") so the stored groups
+    stay contiguous in the original column order and the checkpoint layout is the same as without it.
     """
     group_size: int = 128
     sym: bool = False
     algo: str = "rtn"
+    act_order: bool = False
     format: str = field(default="quick", init=False)
     version: int = field(default=1, init=False)
 
     def __post_init__(self):
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise FourbitError(f"group size {self.group_size} is not supported: use one of 32, 64, 128 or -1 (per-channel)")
-        if self.algo not in ("rtn",):
-            raise FourbitError(f"quantization algorithm {self.algo!r} is not available: use 'rtn'")
+        if self.algo not in ALGOS:
+            raise FourbitError(f"quantization algorithm {self.algo!r} is not available: use one of "
+                               f"{', '.join(map(repr, ALGOS))}")
+        if self.act_order and self.algo != "gptq":
+            raise FourbitError(f"act_order (--act-order) is a GPTQ option, not available with algo {self.algo!r}: "
+                               f"use algo 'gptq' (--algo gptq) or drop act_order")
 
     def to_dict(self) -> dict:
         return {"quant_method": "fourbit", "scheme": "w4a16", **dataclasses.asdict(self)}
@@ -80,7 +89,8 @@ class W4A16Config:
         if d.get("version") != 1:
             raise FourbitError(f"fourbit W4A16 format version {d.get('version')} is newer than this fourbit "
                                f"understands (1): upgrade fourbit")
-        return cls(group_size=d["group_size"], sym=d["sym"], algo=d["algo"])
+        # act_order arrived after format version 1 was written: older dicts lack it (and were never act-order)
+        return cls(group_size=d["group_size"], sym=d["sym"], algo=d["algo"], act_order=d.get("act_order", False))
 
 
 @dataclass(frozen=True)
