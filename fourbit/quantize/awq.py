@@ -23,9 +23,9 @@ Per block of fourbit's LlamaModel (quantize/calib.py drives the blocks), with th
      group's partial output Σ_j x_j w_j over 512 calibration tokens spread evenly over the batch; the weights
      are clamped to ±that range.
   3. RTN (formats/uint4.quantize_groups) of the scaled, clipped weights: the same codes format as RTN.
-Both searches include the identity (α = 0 without duo scaling would be s = 1; here i = 0 is no clipping), and
-scale candidates are judged against the quantized weights *as stored*, so the search objective can only
-improve on what it measures.
+One departure from AutoAWQ: the scale search also tries s = 1 (with duo scaling no α gives the identity), so
+like the clipping search (i = 0 is no clipping) it never does worse than plain RTN on what it measures.
+Candidates are judged with the weights quantized exactly as they will be stored (fp16 scales).
 """
 from __future__ import annotations
 
@@ -119,11 +119,14 @@ def search_scale(block, group: ScaleGroup, selected: list[str], xs: list[torch.T
     originals = [lin.weight.detach().clone() for lin in linears]
     best, best_s = float("inf"), None
     try:
-        for i in range(N_GRID):
-            alpha = i / N_GRID
-            s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            s = torch.nan_to_num(s, nan=1.0, posinf=1.0)  # an overflow must not poison the weights
+        for i in range(-1, N_GRID):
+            if i < 0:  # the identity first: the search can then only improve on plain RTN
+                s = torch.ones_like(x_mean)
+            else:
+                alpha = i / N_GRID
+                s = (x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+                s = s / (s.max() * s.min()).sqrt()
+                s = torch.nan_to_num(s, nan=1.0, posinf=1.0)  # an overflow must not poison the weights
             for lin, w0 in zip(linears, originals):
                 lin.weight.copy_(fake_quant(w0.float() * s, config.group_size, config.sym) / s)
             out = _inspect(inspect, xs, inputs, attention)
