@@ -56,23 +56,20 @@ def quantize_(module: nn.Module, config: W4A16Config, calib=None, filter=None, p
         raise FourbitError("no nn.Linear layers to quantize (already quantized, or the filter excludes all)")
     for _, linear in targets:  # fail before any work when the group size cannot apply to some layer
         group_length(linear.in_features, config.group_size)
+    if config.algo == "awq" and not isinstance(module, LlamaModel):
+        raise FourbitError(f"AWQ folds its scales into the op before each Linear, which fourbit knows only "
+                           f"for its own LlamaModel, not for {type(module).__name__}: load the model with "
+                           f"fourbit.load, or use algo 'gptq' (any module) or 'rtn'")
+    if config.algo != "rtn" and calib is None:
+        raise FourbitError(f"algo {config.algo!r} needs calibration data: pass calib= token ids "
+                           f"(nsamples, seqlen), e.g. fourbit.calib_tokens(text_file, tokenizer) "
+                           f"(CLI: --calib FILE), or use algo 'rtn'")
     if config.algo == "rtn":
         _rtn(module, targets, config, progress, report)
+    elif isinstance(module, LlamaModel):
+        _blockwise(module, targets, config, calib, progress, report)
     else:
-        if calib is None:
-            raise FourbitError(f"algo {config.algo!r} needs calibration data: pass calib= token ids "
-                               f"(nsamples, seqlen), e.g. fourbit.calib_tokens(text_file, tokenizer) "
-                               f"(CLI: --calib FILE), or use algo 'rtn'")
-        if isinstance(module, LlamaModel):
-            _blockwise(module, targets, config, calib, progress, report)
-        elif config.algo == "awq":
-            raise FourbitError(f"AWQ folds its scales into the op before each Linear, which fourbit knows only "
-                               f"for its own LlamaModel, not for {type(module).__name__}: load the model with "
-                               f"fourbit.load, or use algo 'gptq' (any module) or 'rtn'")
-        else:
-            with torch.no_grad():
-                gptq_module(module, [n for n, _ in targets], config, _calib_calls(calib, module), report,
-                            progress)
+        gptq_module(module, [n for n, _ in targets], config, _calib_calls(calib, module), report, progress)
     module.quant_config = config
     return module
 

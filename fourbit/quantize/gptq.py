@@ -118,8 +118,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, group_size: int, sym: b
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), raising λ ×10 while H is not positive
-    definite (nearly collinear inputs with few calibration tokens)."""
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H), raising λ ×10 (up to 3 times) while that is
+    not positive definite (nearly collinear inputs with few calibration tokens, or float32 round-off)."""
     mean_diag = torch.diag(H).mean()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for _ in range(4):
@@ -129,8 +129,8 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
             if int(info) == 0:
                 return U
         damp *= 10
-    raise FourbitError("GPTQ: the calibration Hessian is not positive definite even with 10x dampening: "
-                       "use more calibration samples (--nsamples) or longer ones (--seqlen)")
+    raise FourbitError("GPTQ: the calibration Hessian is not positive definite even with dampening raised to "
+                       "10 x its mean diagonal: use more calibration samples (--nsamples) or longer ones (--seqlen)")
 
 
 class Hessian:
