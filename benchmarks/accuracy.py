@@ -1,7 +1,7 @@
 """Accuracy of W4A16 RTN, AWQ and GPTQ (± act-order) on a real model: stories260K perplexity on TinyStories val and
 WikiText-2 test, at group sizes 32, 64 and per-channel. Regenerates benchmarks/results/accuracy.md and .json.
 
-    PYTHONPATH=. python benchmarks/accuracy.py            # ~10 minutes on one CPU core
+    PYTHONPATH=. python benchmarks/accuracy.py            # ~30 minutes on one CPU core (3 calibration seeds)
 
 Calibration text must not overlap the evaluated text, and both evaluated files are scored whole. The real-data
 folder holds no third text (no TinyStories train split), so the calibration batch is text the fp32 model writes
@@ -50,7 +50,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="calibration sampling seeds: AWQ and GPTQ rows are averaged over them")
     p.add_argument("--max-tokens", type=int, help="score only this prefix of each text (quick runs)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the model is tiny: 1 is fastest)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy"),
@@ -60,15 +61,9 @@ def main():
     model_path = REALDATA / "stories260K.bin"
     tok = fourbit.Tokenizer(REALDATA / "tok512.model")
     texts = {name: tok.encode((REALDATA / f).read_text(encoding="utf-8"), bos=True) for name, f in TEXTS.items()}
-
-    t0 = time.perf_counter()
-    calib = self_generated_calibration(fourbit.load(model_path), args.nsamples, args.seqlen, args.seed)
-    print(f"calibration: {tuple(calib.shape)} self-generated tokens in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
-    overlap = _shared_runs(calib, texts, tok)
     rows = []
 
-    def evaluate(label, group_size, config):
+    def evaluate(label, group_size, config=None, calib=None, seed=None):
         model = fourbit.load(model_path)
         t = time.perf_counter()
         if config is not None:
@@ -76,18 +71,24 @@ def main():
         seconds = time.perf_counter() - t
         ppl = {name: fourbit.perplexity(model, ids, 512, max_tokens=args.max_tokens, progress=False)["ppl"]
                for name, ids in texts.items()}
-        rows.append({"method": label, "group_size": group_size, "quantize_s": round(seconds, 1), **ppl})
-        print(f"{label:>15} g{group_size}: " + "  ".join(f"{n} {v:.4f}" for n, v in ppl.items())
+        rows.append({"method": label, "group_size": group_size, "seed": seed, "quantize_s": round(seconds, 1), **ppl})
+        print(f"{label:>15} g{group_size} seed {seed}: " + "  ".join(f"{n} {v:.4f}" for n, v in ppl.items())
               + f"  ({seconds:.1f} s)", file=sys.stderr)
 
-    evaluate("fp32", None, None)
+    evaluate("fp32", None)
     for gs in GROUPS:
-        for label, algo, act_order in METHODS:
-            evaluate(label, gs, W4A16Config(group_size=gs, algo=algo, act_order=act_order))
+        evaluate("RTN", gs, W4A16Config(group_size=gs))
+    overlap = {}
+    for seed in args.seeds:
+        calib = self_generated_calibration(fourbit.load(model_path), args.nsamples, args.seqlen, seed)
+        overlap[seed] = _shared_runs(calib, texts, tok)
+        for gs in GROUPS:
+            for label, algo, act_order in METHODS[1:]:
+                evaluate(label, gs, W4A16Config(group_size=gs, algo=algo, act_order=act_order), calib, seed)
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "cpu": platform.processor()
             or platform.machine(), "threads": args.threads, "model": "stories260K.bin",
             "calibration": {"source": "self-generated (fp32 model, temperature 1)", "nsamples": args.nsamples,
-                            "seqlen": args.seqlen, "seed": args.seed, "shared_32grams_with_eval_text": overlap},
+                            "seqlen": args.seqlen, "seeds": args.seeds, "shared_32grams_with_eval_text": overlap},
             "max_tokens": args.max_tokens, "seq_len": 512, "command": "PYTHONPATH=. python benchmarks/accuracy.py"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,11 +113,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     fp = next(r for r in rows if r["method"] == "fp32")
     rtn = {r["group_size"]: r for r in rows if r["method"] == "RTN"}
     c = meta["calibration"]
+    seeds = c["seeds"]
     span = "whole file" if meta["max_tokens"] is None else f"first {meta['max_tokens']} tokens"
-    shared = c["shared_32grams_with_eval_text"]
-    counts = "; ".join(f"{n}: {v['shared']:,} of {v['windows']:,}" + (f" (e.g. \"{v['example'].strip()}\")"
-                                                                      if v["example"] else "")
-                       for n, v in shared.items())
+    shared = {}
+    for per_seed in c["shared_32grams_with_eval_text"].values():
+        for name, v in per_seed.items():
+            best = shared.setdefault(name, v)
+            if v["shared"] > best["shared"]:
+                shared[name] = v
+    counts = "; ".join(f"{n}: at most {v['shared']:,} of {v['windows']:,}"
+                       + (f" (e.g. \"{v['example'].strip()}\")" if v["example"] else "") for n, v in shared.items())
     lines = [
         "# stories260K W4A16 accuracy: RTN, AWQ, GPTQ",
         "",
@@ -125,29 +131,48 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "Asymmetric uint4 codes, fp16 scales. Lower is better; \"vs RTN\" compares with RTN at the same group size.",
         "",
         f"Calibration (AWQ, GPTQ): {c['nsamples']} × {c['seqlen']} tokens sampled from the fp32 model itself "
-        f"(BOS, then temperature 1, seed {c['seed']}), not taken from either evaluated file: the data folder has no "
-        f"other text to calibrate on. 32-token windows of the evaluated texts that also occur in it, verbatim: "
-        f"{counts}: stock phrases the model reproduces, not copied passages.",
+        "(BOS, then temperature 1), not taken from either evaluated file: the data folder has no other text to "
+        f"calibrate on. Each AWQ/GPTQ row is the mean over {len(seeds)} calibration batches (sampling seeds "
+        f"{', '.join(map(str, seeds))}), with the range over them in brackets; \"below RTN\" counts the seeds "
+        "that beat RTN. 32-token windows of the evaluated texts that also occur verbatim in a calibration batch: "
+        f"{counts}" + (": stock phrases the model reproduces, not copied passages." if any(
+            v["shared"] for v in shared.values()) else "."),
         "",
-        "| method | group | TinyStories val PPL | vs fp32 | vs RTN | WikiText-2 PPL | vs fp32 | vs RTN | quantize (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | group | TinyStories val PPL | vs fp32 | vs RTN | below RTN | WikiText-2 PPL | vs fp32 | vs RTN "
+        "| below RTN | quantize (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    groups = {}
     for r in rows:
-        group = "—" if r["group_size"] is None else ("per-channel" if r["group_size"] == -1 else str(r["group_size"]))
+        groups.setdefault((r["method"], r["group_size"]), []).append(r)
+    rank = [label for label, _, _ in METHODS]
+    groups = dict(sorted(groups.items(), key=lambda kv: (-1, 0) if kv[0][0] == "fp32" else
+                         (GROUPS.index(kv[0][1]), rank.index(kv[0][0]))))
+    losses = []
+    for (method, gs), runs in groups.items():
+        group = "—" if gs is None else ("per-channel" if gs == -1 else str(gs))
+        calibrated = method not in ("fp32", "RTN")
         cells = []
         for name in TEXTS:
-            v = r[name]
-            cells.append(f"{v:.4f}" if name == "tinystories" else f"{v:.2f}")
-            cells.append("—" if r["method"] == "fp32" else f"{100 * (v / fp[name] - 1):+.1f}%")
-            base = rtn.get(r["group_size"])
-            cells.append("—" if r["method"] in ("fp32", "RTN") else f"{100 * (v / base[name] - 1):+.1f}%")
-        seconds = "—" if r["method"] in ("fp32", "RTN") else f"{r['quantize_s']:.1f}"
-        lines.append(f"| {r['method']} | {group} | " + " | ".join(cells) + f" | {seconds} |")
-    better = [r for r in rows if r["method"] not in ("fp32", "RTN")]
-    losses = [f"{r['method']} g{r['group_size']} on {n}" for r in better for n in TEXTS
-              if r[n] >= rtn[r["group_size"]][n]]
-    lines += ["", "Every AWQ and GPTQ row is below RTN on both texts." if not losses else
-              "Not below RTN: " + ", ".join(losses) + ".", "",
+            vals = [r[name] for r in runs]
+            mean = sum(vals) / len(vals)
+            fmt = (lambda v: f"{v:.4f}") if name == "tinystories" else (lambda v: f"{v:.2f}")
+            cells.append(fmt(mean) + (f" [{fmt(min(vals))}–{fmt(max(vals))}]" if len(vals) > 1 else ""))
+            cells.append("—" if method == "fp32" else f"{100 * (mean / fp[name] - 1):+.1f}%")
+            if calibrated:
+                base = rtn[gs][name]
+                below = sum(v < base for v in vals)
+                cells += [f"{100 * (mean / base - 1):+.1f}%", f"{below}/{len(vals)}"]
+                if mean >= base:
+                    losses.append(f"{method} {group} on {name} (mean)")
+                elif below < len(vals):
+                    losses.append(f"{method} {group} on {name} ({len(vals) - below} of {len(vals)} seeds)")
+            else:
+                cells += ["—", "—"]
+        seconds = f"{sum(r['quantize_s'] for r in runs) / len(runs):.1f}" if calibrated else "—"
+        lines.append(f"| {method} | {group} | " + " | ".join(cells) + f" | {seconds} |")
+    lines += ["", "Every AWQ and GPTQ row is below RTN on both texts, for every calibration seed." if not losses else
+              "Not below RTN: " + "; ".join(losses) + ".", "",
               f"Regenerate: `{meta['command']}` (quantize times: one CPU thread; AWQ's cost here is the attention "
               "forward it runs for each of its 21 scale candidates).", ""]
     return "\n".join(lines)
