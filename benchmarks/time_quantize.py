@@ -2,7 +2,8 @@
 random-token calibration, 128 sequences × 512 tokens. Target (issue 4): each ≤ 10 minutes and ≤ 24 GB on one H100.
 
     python benchmarks/time_quantize.py                 # CUDA: writes benchmarks/results/<gpu>-quantize-time.md|json
-    python benchmarks/time_quantize.py --preset tiny --device cpu --nsamples 4 --seqlen 64 --out /tmp   # smoke test
+    OMP_NUM_THREADS=1 python benchmarks/time_quantize.py --preset tiny --device cpu --dtype fp32 --nsamples 4 \
+        --seqlen 64 --out /tmp                      # CPU smoke test, ~6 s
 
 Each algorithm gets a freshly loaded model (quantization works in place). The peak is
 torch.cuda.max_memory_allocated() from right after the model is loaded to the end of quantization, so it
