@@ -1,4 +1,4 @@
-"""quantize(), save(), load(): the library's front door."""
+"""quantize_() (and quantize()), save(), load(): the library's front door."""
 from __future__ import annotations
 
 import json
@@ -17,40 +17,118 @@ from .models.llama import LlamaModel
 from .models.loader import build, load_model, read_safetensors
 from .models.tokenizer import Tokenizer
 from .nn.linear import linear_factory
+from .quantize.awq import awq_block
+from .quantize.calib import TOKENS_PER_BATCH, quantize_blockwise, replace_module
+from .quantize.gptq import gptq_block, gptq_module
 from .quantize.rtn import rtn_linear
 
 FORMAT_VERSION = 1  # of the fourbit checkpoint directory (config.json + model.safetensors)
 
 
-def quantize(model: nn.Module, config: W4A16Config, filter=None, report: dict | None = None,
-             progress: bool = True) -> nn.Module:
-    """Swap the model's nn.Linear layers for W4A16Linear, in place; returns the model.
+def quantize_(module: nn.Module, config: W4A16Config, calib=None, filter=None, progress: bool = True,
+              report: dict | None = None) -> nn.Module:
+    """Swap the module's nn.Linear layers for W4A16Linear in place, choosing the codes with config.algo;
+    returns the module.
 
-    filter(name, module) -> bool picks layers (default: all but the classifier `lm_head`). report, if given,
-    receives {layer name: relative error ‖W - Ŵ‖/‖W‖}.
+    module: any torch.nn.Module. fourbit's LlamaModel is calibrated block by block (quantize/calib.py: memory
+    holds one block's activations); any other module (a Hugging Face transformers model, a plain MLP) is run
+    whole on the calibration calls with hooks on its Linears (GPTQ only, quantize/gptq.gptq_module).
+    config.algo: "rtn" needs no calibration; "gptq" works on any module; "awq" needs the norm -> linear map of
+    the model, which fourbit knows for its LlamaModel (the Llama family as fourbit.load builds it).
+    calib (awq and gptq):
+        - token ids, an integer tensor (nsamples, seqlen), e.g. fourbit.calib_tokens(text_file, tokenizer):
+          the only form a LlamaModel takes; other modules are called as module(ids) on mini-batches of rows
+          of about 8192 tokens (so a Hugging Face causal LM takes it as its input_ids);
+        - other modules only: a list of calls, each item a tensor (module(t)), a tuple (module(*t)) or a dict
+          (module(**d)), already on the module's device.
+      The module runs in its current mode: call .eval() first if it has dropout.
+    filter(name, module) -> bool picks the layers (default: all but the classifier `lm_head`).
+    report, if given, receives {layer name: ‖W − Ŵ‖/‖W‖} for the float weight each layer was quantized from
+    (AWQ: the scaled weight, before clipping).
     """
     if not isinstance(config, W4A16Config):
         raise FourbitError(f"expected a W4A16Config, got {type(config).__name__}")
-    if config.algo != "rtn" or config.permuted:
-        raise FourbitError(f"quantize() runs algo='rtn' without permutations (got algo={config.algo!r}, permuted="
-                           f"{config.permuted}): 'awq'/'gptq' and permuted describe imported checkpoints")
+    if config.permuted:
+        raise FourbitError("permuted=True describes imported GPTQ act-order checkpoints, whose groups are scattered "
+                           "over the input channels; to quantize with act-order use W4A16Config(algo='gptq', "
+                           "act_order=True), which keeps the groups contiguous")
     if filter is None:
         filter = lambda name, module: not name.endswith("lm_head")  # noqa: E731
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and filter(n, m)]
+    targets = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear) and filter(n, m)]
     if not targets:
         raise FourbitError("no nn.Linear layers to quantize (already quantized, or the filter excludes all)")
     for _, linear in targets:  # fail before any work when the group size cannot apply to some layer
         group_length(linear.in_features, config.group_size)
+    if config.algo == "awq" and not isinstance(module, LlamaModel):
+        raise FourbitError(f"AWQ folds its scales into the op before each Linear, which fourbit knows only "
+                           f"for its own LlamaModel, not for {type(module).__name__}: load the model with "
+                           f"fourbit.load, or use algo 'gptq' (any module) or 'rtn'")
+    if config.algo != "rtn" and calib is None:
+        raise FourbitError(f"algo {config.algo!r} needs calibration data: pass calib= token ids "
+                           f"(nsamples, seqlen), e.g. fourbit.calib_tokens(text_file, tokenizer) "
+                           f"(CLI: --calib FILE), or use algo 'rtn'")
+    if config.algo == "rtn":
+        _rtn(module, targets, config, progress, report)
+    elif isinstance(module, LlamaModel):
+        _blockwise(module, targets, config, calib, progress, report)
+    else:
+        gptq_module(module, [n for n, _ in targets], config, _calib_calls(calib, module), report, progress)
+    module.quant_config = config
+    return module
+
+
+def quantize(model: nn.Module, config: W4A16Config, filter=None, report: dict | None = None,
+             progress: bool = True, calib=None) -> nn.Module:
+    """quantize_ with the arguments in this older order (RTN needs no calib; AWQ and GPTQ do)."""
+    return quantize_(model, config, calib, filter, progress, report)
+
+
+def _rtn(module, targets, config, progress, report):
     for name, linear in tqdm(targets, desc=f"quantize w4a16 {config.algo} g{config.group_size}", unit="layer",
                              disable=not progress):
         quantized = rtn_linear(linear, config)
         if report is not None:
             w = linear.weight.detach().float()
             report[name] = float((quantized.dequantize() - w).norm() / w.norm().clamp_min(1e-30))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, quantized)
-    model.quant_config = config
-    return model
+        replace_module(module, name, quantized)
+
+
+def _blockwise(model: LlamaModel, targets, config, calib, progress, report):
+    names = {n for n, _ in targets}
+    outside = sorted(n for n in names if not n.startswith("layers."))
+    if outside:
+        raise FourbitError(f"algo {config.algo!r} quantizes the decoder blocks' Linears; the filter also selects "
+                           f"{outside}: exclude them (the default filter leaves out lm_head) or use algo 'rtn'")
+    step = gptq_block if config.algo == "gptq" else awq_block
+    order = " act-order" if config.act_order else ""
+    quantize_blockwise(
+        model, calib, lambda prefix, block, inputs, note: step(prefix, block, inputs, note, config,
+                                                               names.__contains__, report),
+        desc=f"quantize w4a16 {config.algo}{order} g{config.group_size}", progress=progress)
+
+
+def _calib_calls(calib, module: nn.Module) -> list[tuple[tuple, dict]]:
+    """The calibration calls module(*args, **kwargs) for a module other than LlamaModel (see quantize_)."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype.is_floating_point or calib.numel() == 0:
+            raise FourbitError("calib as a tensor is token ids, an integer (nsamples, seqlen) tensor; pass other "
+                               "inputs as a list of calls (tensors, tuples of arguments or dicts of keywords)")
+        device = next(module.parameters()).device
+        rows = max(1, TOKENS_PER_BATCH // calib.shape[1])
+        return [((calib[i:i + rows].to(device),), {}) for i in range(0, calib.shape[0], rows)]
+    if not isinstance(calib, (list, tuple)) or not calib:
+        raise FourbitError("calib must be token ids (an integer tensor) or a non-empty list of calls")
+    calls = []
+    for item in calib:
+        if isinstance(item, torch.Tensor):
+            calls.append(((item,), {}))
+        elif isinstance(item, tuple):
+            calls.append((item, {}))
+        elif isinstance(item, dict):
+            calls.append(((), item))
+        else:
+            raise FourbitError(f"a calibration call must be a tensor, a tuple or a dict, got {type(item).__name__}")
+    return calls
 
 
 def save(model: LlamaModel, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:

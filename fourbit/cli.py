@@ -24,9 +24,19 @@ def _model_args(p: argparse.ArgumentParser):
                         "default: as stored for fourbit checkpoints, else bf16 on CUDA and fp32 on CPU")
     p.add_argument("--group-size", type=int, default=128, help="w4a16 group size: 32, 64, 128 or -1 (per-channel)")
     p.add_argument("--sym", action="store_true", help="w4a16: symmetric codes (no zero points)")
-    p.add_argument("--algo", default="rtn", choices=("rtn",), help="w4a16 quantization algorithm")
+    p.add_argument("--algo", default="rtn", choices=("rtn", "awq", "gptq"),
+                   help="w4a16 quantization algorithm; awq and gptq calibrate on --calib text")
+    p.add_argument("--act-order", action="store_true",
+                   help="gptq: quantize columns by decreasing Hessian diagonal (static groups: same layout)")
+    p.add_argument("--calib", metavar="FILE",
+                   help="awq/gptq: UTF-8 calibration text, cut into --nsamples random windows of --seqlen tokens "
+                        "(overlapping when the text is short); required except for dummy: models, which "
+                        "calibrate on random token ids")
+    p.add_argument("--nsamples", type=int, default=128, help="awq/gptq: calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int,
+                   help="awq/gptq: tokens per calibration window (default: 512, or the model's context if shorter)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling and dummy weights")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling, dummy weights and calibration windows")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -48,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="evaluate only this many tokens from the start")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
 
-    q = sub.add_parser("quantize", help="quantize a model and write a fourbit checkpoint")
+    q = sub.add_parser("quantize", help="quantize a model (rtn, awq or gptq) and write a fourbit checkpoint")
     _model_args(q)
     q.add_argument("--out", required=True, help="output directory")
 
@@ -104,11 +114,33 @@ def load_for_cli(args):
     if quantized_source and scheme != "w4a16":
         raise FourbitError(f"{args.model} holds w4a16 weights: drop --scheme {scheme} (or use --scheme w4a16)")
     act = getattr(torch, FLOAT_DTYPES[scheme if scheme != "w4a16" else default])
-    config = W4A16Config(group_size=args.group_size, sym=args.sym, algo=args.algo) if scheme == "w4a16" else None
+    config = None
+    if scheme == "w4a16":
+        config = W4A16Config(group_size=args.group_size, sym=args.sym, algo=args.algo, act_order=args.act_order)
+        if config.algo != "rtn":  # fail before loading the model, not after
+            if args.nsamples < 1:
+                raise FourbitError(f"--nsamples must be at least 1, got {args.nsamples}")
+            if args.seqlen is not None and args.seqlen < 1:
+                raise FourbitError(f"--seqlen must be at least 1, got {args.seqlen}")
+            if args.calib is None and not args.model.startswith("dummy:") and not quantized_source:
+                raise FourbitError(f"--algo {config.algo} needs calibration text: pass --calib FILE (UTF-8 text "
+                                   f"like the model's training data); only dummy: models calibrate on random ids")
     model = api.load(args.model, act, device, args.seed)
     if config is not None and not quantized_source:
-        api.quantize(model, config)
+        calib = None if config.algo == "rtn" else _calibration(args, model)
+        api.quantize_(model, config, calib)
     return model
+
+
+def _calibration(args, model):
+    """(nsamples, seqlen) token ids: windows of --calib text, or random ids for a dummy model without --calib."""
+    from .quantize.calib import calib_tokens
+
+    seqlen = args.seqlen or min(512, model.config.max_seq_len)
+    if args.calib is None:  # a dummy model (checked before loading): it was trained on nothing
+        return calib_tokens(None, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed,
+                            vocab_size=model.config.vocab_size)
+    return calib_tokens(args.calib, _tokenizer(args, model), args.nsamples, seqlen, args.seed)
 
 
 def _tokenizer(args, model):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .errors import FourbitError
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel (per-channel)
-ALGOS = ("rtn", "awq", "gptq")
+ALGOS = ("rtn", "awq", "gptq")  # how W4A16 codes are chosen; awq and gptq need calibration data
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,18 @@ class W4A16Config:
     """4-bit weights (uint4 codes in groups along the input dim), 16-bit activations.
 
     group_size: 32, 64, 128, or -1 for one group per output channel. sym: zero point fixed at 8 instead of
-    a per-group uint4 zero. algo: how the codes were chosen ("rtn"; "awq", "gptq" also name the origin of imported
-    AutoAWQ / GPTQ checkpoints). permuted: the layers carry an input-channel permutation `perm` (GPTQ act-order
-    checkpoints, whose groups are scattered over the input channels; see nn/linear.py).
+    a per-group uint4 zero. algo: how the codes are chosen: "rtn" (round to nearest, no data), "awq" or "gptq"
+    (both need calibration data, see fourbit.quantize_; they also name the origin of imported AutoAWQ / GPTQ
+    checkpoints). act_order (GPTQ only): quantize columns in order of decreasing Hessian diagonal, with group
+    parameters fixed up front ("static groups") so the stored groups stay contiguous in the original column order
+    and the checkpoint layout is the same as without it. permuted: the layers carry an input-channel permutation
+    `perm` (imported GPTQ act-order checkpoints, whose groups are scattered over the input channels; see
+    nn/linear.py).
     """
     group_size: int = 128
     sym: bool = False
     algo: str = "rtn"
+    act_order: bool = False
     permuted: bool = False
     format: str = field(default="quick", init=False)
     version: int = field(default=2, init=False)  # of the quick layout (formats/quick.py)
@@ -72,7 +77,11 @@ class W4A16Config:
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise FourbitError(f"group size {self.group_size} is not supported: use one of 32, 64, 128 or -1 (per-channel)")
         if self.algo not in ALGOS:
-            raise FourbitError(f"quantization algorithm {self.algo!r} is not known: use one of {', '.join(ALGOS)}")
+            raise FourbitError(f"quantization algorithm {self.algo!r} is not available: use one of "
+                               f"{', '.join(map(repr, ALGOS))}")
+        if self.act_order and self.algo != "gptq":
+            raise FourbitError(f"act_order (--act-order) is a GPTQ option, not available with algo {self.algo!r}: "
+                               f"use algo 'gptq' (--algo gptq) or drop act_order")
 
     def to_dict(self) -> dict:
         return {"quant_method": "fourbit", "scheme": "w4a16", **dataclasses.asdict(self)}
@@ -87,8 +96,9 @@ class W4A16Config:
         if d.get("version") != 2:
             raise FourbitError(f"fourbit W4A16 format version {d.get('version')} is newer than this fourbit "
                                f"understands (2): upgrade fourbit")
-        # permuted came later: checkpoints written before it have no input permutations
-        return cls(group_size=d["group_size"], sym=d["sym"], algo=d["algo"], permuted=d.get("permuted", False))
+        # act_order and permuted came later: dicts written before them were neither
+        return cls(group_size=d["group_size"], sym=d["sym"], algo=d["algo"], act_order=d.get("act_order", False),
+                   permuted=d.get("permuted", False))
 
 
 @dataclass(frozen=True)

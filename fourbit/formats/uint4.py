@@ -63,10 +63,21 @@ def quantize_groups(w: torch.Tensor, group_size: int, sym: bool, scale_dtype: to
     if kp > k:  # repeat the last real column so padding cannot widen the last group's range
         w = torch.cat([w, w[:, -1:].expand(n, kp - k)], dim=1)
     g = w.reshape(n, kp // gs, gs)  # (N, G, gs)
+    s, z = group_params(g, sym, scale_dtype)  # (N, G) each, float32
+    q = quantize_with(g, s[..., None], z[..., None])  # (N, G, gs)
+    zeros = None if sym else z.to(torch.uint8)
+    return q.to(torch.uint8).reshape(n, kp), s.to(scale_dtype), zeros
+
+
+def group_params(g: torch.Tensor, sym: bool, scale_dtype: torch.dtype = torch.float32):
+    """The scale and zero of each group: g (..., gs) float32 -> s, z (...) float32 (s already rounded to
+    scale_dtype, z = 8 when sym). The one place the convention in the module docstring is computed; GPTQ and
+    AWQ call it directly for groups they build themselves.
+    """
     if sym:
-        s = g.abs().amax(-1) / 7  # (N, G)
+        s = g.abs().amax(-1) / 7  # (...)
     else:
-        lo = g.amin(-1).clamp(max=0)  # (N, G)
+        lo = g.amin(-1).clamp(max=0)  # (...)
         s = (g.amax(-1).clamp(min=0) - lo) / 15
     if torch.finfo(scale_dtype).bits < 32:
         # Round the scale up, never to nearest, and keep it out of the subnormal range: a scale rounded down
@@ -79,9 +90,12 @@ def quantize_groups(w: torch.Tensor, group_size: int, sym: bool, scale_dtype: to
         z = torch.full_like(s, 8.0)
     else:
         z = torch.round(-lo / s).clamp(0, 15)  # in 0..15 already up to float rounding
-    q = (torch.round(g / s[..., None]) + z[..., None]).clamp(0, 15)  # (N, G, gs)
-    zeros = None if sym else z.to(torch.uint8)
-    return q.to(torch.uint8).reshape(n, kp), s.to(scale_dtype), zeros
+    return s, z
+
+
+def quantize_with(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Codes clamp(round(w / s) + z, 0, 15) as float (broadcasting s and z against w)."""
+    return (torch.round(w / s) + z).clamp(0, 15)
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
