@@ -17,19 +17,24 @@ from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
 
 
 def candidates(m, k_tiles, n, sms):
-    """(kind, BLOCK_M, R, warps, split, post_scale, x_smem) configs worth trying at M rows."""
+    """(kind, BLOCK_M, R, warps, split, post_scale, x_smem, stages) configs worth trying at M rows."""
     bms = [b for b in (8, 16, 32, 64, 128, 256) if b >= min(m, 256) and b <= max(8, 2 * m)][:2]
     out = []
-    for kind, bm, r, warps in itertools.product(("mma", "wgmma"), bms, (1, 2, 4), (2, 4, 8)):
-        if bm * r > 256 or (kind == "wgmma" and (bm < 64 or warps % 4 or bm * r > 128)) or (kind == "mma" and bm > 128):
+    for kind, bm, r, warps in itertools.product(("mma", "wgmma"), bms, (1, 2), (4, 8)):
+        if kind == "wgmma" and bm * r > 256:
+            continue
+        if kind == "mma" and (bm > 128 or bm * r > 256):
             continue
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, 16 * r * warps)
         for per_sm in (1, 2, 4, 8, 16):
             split = max(1, min(per_sm * sms // tiles, k_tiles))
+            if kind == "wgmma":
+                for stages in (2, 3, 4):
+                    if stages * bm * 256 <= 200 * 1024:  # X ring in shared memory
+                        out.append((kind, bm, r, warps, split, False, True, stages))
+                continue
             for post, smem in itertools.product((True, False), (True, False)):
-                if kind == "wgmma" and (post or not smem):
-                    continue
-                out.append((kind, bm, r, warps, split, post, smem))
+                out.append((kind, bm, r, warps, split, post, smem, 0))
     return sorted(set(out))
 
 
@@ -40,7 +45,7 @@ def time_cfg(layer, copies, x, n, k, cfg, **extra):
 
 
 def _launch(x, q, layer, n, k, cfg, extra):
-    _, bm, r, warps, split, post, smem = cfg
+    _, bm, r, warps, split, post, smem, _ = cfg
     kt = q.shape[1] // 256
     per = triton.cdiv(kt, split)
     split = triton.cdiv(kt, per)
@@ -67,7 +72,7 @@ def main(shapes, ms, budget):
             base = gpu_ms(lambda x, d: x @ d.t(), dense, x)
             default = mod._config(m, n, k // 128, sms)
             t_def = time_cfg(layer, copies, x, n, k, default)
-            mma_default = ("mma",) + default[1:] if default[0] == "mma" else ("mma", 64, 1, 8, 2, False, True)
+            mma_default = ("mma",) + default[1:] if default[0] == "mma" else ("mma", 64, 1, 8, 2, False, True, 0)
             t_rt = time_cfg(layer, copies, x, n, k, mma_default, ROUND_TRIP=True)
             pool = candidates(m, k // 128, n, sms)
             torch.manual_seed(m)

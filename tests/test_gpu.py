@@ -31,6 +31,38 @@ def test_w4a16_op_on_cuda(dtype, group_size, sym, m):
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
+_KERNEL_CONFIGS = [  # (kind, BLOCK_M, R, warps, split K, post-scale, X in smem, stages): each kernel path
+    ("mma", 8, 1, 4, 1, True, False, 0), ("mma", 8, 2, 4, 3, True, False, 0), ("mma", 16, 1, 8, 2, False, True, 0),
+    ("mma", 64, 1, 8, 1, False, True, 0),
+    ("wgmma", 8, 1, 4, 4, False, True, 4), ("wgmma", 16, 2, 8, 2, False, True, 2),
+    ("wgmma", 32, 1, 8, 1, False, True, 3), ("wgmma", 64, 1, 8, 1, False, True, 4),
+    ("wgmma", 64, 2, 4, 3, False, True, 2), ("wgmma", 128, 1, 8, 4, False, True, 4),
+    ("wgmma", 128, 1, 4, 1, False, True, 3), ("wgmma", 256, 1, 8, 1, False, True, 3),
+    ("wgmma", 256, 1, 8, 2, False, True, 2),
+]
+
+
+@pytest.mark.parametrize("cfg", _KERNEL_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [5, 300])
+def test_w4a16_kernel_configs_on_cuda(cfg, dtype, m):
+    """Every kernel configuration (not only the one chosen by M), over an output buffer that the caching
+    allocator hands back still holding NaNs: every element must be written, and right."""
+    from fourbit.kernels.w4a16_gemm import w4a16_gemm
+
+    torch.manual_seed(1000 * _KERNEL_CONFIGS.index(cfg) + m)
+    n, k = 1000, 1100
+    codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 64, False, SCALE_DTYPE)
+    layer = W4A16Linear.from_codes(codes, scales, zeros, 64, k, torch.randn(n, device="cuda"))
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    for _ in range(2):  # the second call reuses the split-K workspace the first one zeroed again
+        torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # freed at once: the output's future block
+        y = w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, 64, n, k, layer.bias, config=cfg)
+        ref = x.double() @ layer.dequantize().double().t() + layer.bias.double()
+        assert torch.isfinite(y).all()
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
+
+
 def test_golden_text_on_cuda(realdata):
     model = fourbit.load(realdata / "stories260K.bin", device="cuda")
     tok = fourbit.Tokenizer(realdata / "tok512.model")

@@ -26,11 +26,17 @@ class CompiledSM90:
 def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int) -> CompiledSM90:
     """Compile the W4A16 kernel signature (x, qweight, scales, zeros, bias, out, M, N, K, KT, TILES_PER_SPLIT
     [, ws, counts])
-    for sm_90 with X of `dtype` ("bf16"/"fp16"); pointer and K arguments are taken as 16-aligned."""
+    for sm_90 with X of `dtype` ("bf16"/"fp16"); pointer and K arguments are taken as 16-aligned. A first
+    argument named x_desc is X's TMA descriptor, with (BLOCK_M, 64) boxes."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    from .w4a16_gemm import x_smem_layout
+
     names = list(fn.arg_names)
-    types = [f"*{dtype}", "*i32", "*fp16", "*u8", f"*{dtype}", "*fp32", "i32", "i32", "i32", "i32", "i32"]
+    x = f"*{dtype}"
+    if names[0] == "x_desc":
+        x = f"tensordesc<{dtype}[{constexprs['BLOCK_M']}, 64],{x_smem_layout()!r}>"
+    types = [x, "*i32", "*fp16", "*u8", f"*{dtype}", "*fp32", "i32", "i32", "i32", "i32", "i32"]
     types += ["*fp32", "*i32"] if "ws_ptr" in names else []  # the split-K workspace and counters
     sig = {name: (types[i] if i < len(types) else "constexpr") for i, name in enumerate(names)}
     aligned = [names.index(a) for a in names[:6] + ["N", "K"]]

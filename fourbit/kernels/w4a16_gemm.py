@@ -3,8 +3,9 @@
 W is uint4 codes in the quick layout v2 (formats/quick.py): qweight int32 (ceil(N/16), KT·256), KT = ceil(K/128),
 W[n, k] = (q[n, k] - z[g, n]) · s[g, n] with g = k // group_size (z = 8 when symmetric), scales fp16 (G, N).
 
-The GPU kernel `_w4a16_mma_kernel` (Gluon, sm_80 and later) computes Yᵀ = W·Xᵀ with mma.m16n8k16, the weight
-as the A operand, so a decode batch fills the instruction's n = 8 instead of wasting 15/16 of m = 16:
+The GPU kernel `_w4a16_mma_kernel` (Gluon; on Hopper for M <= 8, on sm_80/sm_89 for every M) computes
+Yᵀ = W·Xᵀ with mma.m16n8k16, the weight as the A operand, so a decode batch fills the instruction's n = 8
+instead of wasting 15/16 of m = 16:
 - Each lane loads its 8 words of a 16 x 128 tile with two 128-bit loads. For each k16 slice i = 4h + a, one
   shift, one LOP3 (mask | magic) and one HSUB2 (minus magic + z) per word produce register j of the slice's A
   fragment (formats/quick.py says why). The dequantized tile never leaves registers: the kernel declares the
@@ -20,10 +21,12 @@ as the A operand, so a decode batch fills the instruction's n = 8 instead of was
 - Split-K over programs when the (N, M) grid alone would leave SMs idle: the splits add into a persistent
   fp32 workspace and the last split of each output tile (a counter) writes Y and re-zeroes the workspace, so a
   call is one launch. The order of the adds varies, so split results can differ in the last bit run to run.
-`_w4a16_wgmma_kernel` (sm_90, M > 32) feeds the same register fragments to wgmma (m64nBLOCK_Mk16), with X's
-tile in NVMMA-swizzled shared memory. Measured (H100, 2026-11-21, benchmarks/results/): 2.1-2.7x cuBLAS bf16
-at M = 1, 1.4-2.5x at M = 16, 0.84-1.45x at M = 64, 0.4-0.65x at M >= 256; benchmarks/NOTES-w4a16.md has
-what limits each and what was tried.
+`_w4a16_wgmma_kernel` (sm_90; M > 8 on Hopper) feeds the same register fragments to async wgmma
+(m64nBLOCK_Mk16, BLOCK_M from 16 to 256), with X streamed by TMA through a small ring of shared-memory tiles
+(mbarrier per stage) so X's loads overlap the tensor cores, and the next slice's dequant overlapping the running
+wgmma. X is read once per CTA instead of once per warp. Measured (H100, 2026-11-22, benchmarks/results/): 2.1-2.7x
+cuBLAS bf16 at M = 1, 1.8-2.9x at M = 16, 1.1-1.9x at M = 64, 0.8-1.7x at M = 128, 0.7-1.0x at M = 256,
+0.76-0.86x at M >= 1024; benchmarks/NOTES-w4a16.md has what limits each and what was tried.
 
 `_w4a16_dot_kernel` (Triton, tl.dot) computes the same product from the same layout; it runs under
 TRITON_INTERPRET=1 (CPU tests: Gluon has no interpreter) and on GPUs older than sm_80.
@@ -39,7 +42,9 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE
 
@@ -241,12 +246,24 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 
 
 @gluon.jit
-def _w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
+def _issue_x(x_desc, x_smem, bars, stage, m0, kt, pred):
+    """Start the TMA copy of X's (BLOCK_M, 128) tile kt into ring stage `stage` (two 64-column boxes, the
+    widest a 128-byte swizzle takes); bars[stage] completes when both have landed. Rows past M and columns
+    past K arrive as zeros."""
+    bar = bars.index(stage)
+    mbarrier.expect(bar, 2 * x_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [m0, kt * 128], bar, x_smem.index(2 * stage), pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [m0, kt * 128 + 64], bar, x_smem.index(2 * stage + 1), pred=pred)
+
+
+@gluon.jit
+def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
                         ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
-                        BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """Large M on Hopper: the same register A fragments fed to wgmma (m64nBLOCK_Mk16, one warpgroup per 64
-    rows), X (the B operand) staged in shared memory per 128-wide tile; scales applied in the dequant."""
-    BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
+                        BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr):
+    """M > 8 on Hopper: the same register A fragments fed to async wgmma (m64nBLOCK_Mk16, one warpgroup per
+    64 rows), X (the B operand) streamed by TMA through a ring of STAGES shared-memory tiles so its loads overlap
+    the tensor cores; scales applied in the dequant. The next slice's dequant overlaps the running wgmma."""
+    BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
     RB: gl.constexpr = R * NUM_WARPS
     BN: gl.constexpr = 16 * RB
     PER_CHANNEL: gl.constexpr = GS == -1
@@ -254,35 +271,36 @@ def _w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K,
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    x_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
     kt0 = pid_k * TILES_PER_SPLIT
     kt1 = gl.minimum(kt0 + TILES_PER_SPLIT, KT)
+    m0 = pid_m * BLOCK_M
+
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, 64], x_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    fence_async_shared()
+    for i in gl.static_range(STAGES - 1):  # the ring's first tiles in flight
+        _issue_x(x_desc, x_smem, bars, i, m0, kt0 + i, kt0 + i < kt1)
 
     w_off, w_ok = _word_offsets(pid_n, N, KT, RB, NUM_WARPS)
     w0, w1 = _load_tile(qw_ptr, w_off + kt0 * 256, w_ok & (kt0 < kt1), RB)
     rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w0.type.layout))
     rows_ok = rows < N
 
-    xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_l))
-    xk = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
-    x_smem = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK_M, 128],
-                                       gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
-
     acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=mma)
     zz, s2 = _group_params(s_ptr, z_ptr, 0, rows, rows_ok, N, SYM, BF16, True)
     for kt in range(kt0, kt1):
-        n0, n1 = _load_tile(qw_ptr, w_off + (kt + 1) * 256, w_ok & (kt + 1 < kt1), RB)
-        x_mask = (xm < M)[:, None] & ((kt * 128 + xk) < K)[None, :]
-        x = gl.load(x_ptr + xm[:, None] * K + (kt * 128 + xk)[None, :], mask=x_mask, other=0.0)
-        gl.thread_barrier()  # the previous tile's wgmmas are done with x_smem (they ran synchronously)
-        x_smem.store(x)
-        fence_async_shared()
-        gl.thread_barrier()
+        j = kt - kt0
+        stage = j % STAGES
+        n0, n1 = _load_tile(qw_ptr, w_off + (kt + 1) * 256, w_ok & (kt + 1 < kt1), RB)  # next weights in flight
+        mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
         for h in gl.static_range(2):
             wh = w0 if h == 0 else w1
+            xh = x_smem.index(2 * stage + h)
             for a in gl.static_range(4):
                 if not PER_CHANNEL:
                     if (4 * h + a) % SLICES_PER_GROUP == 0:
@@ -291,12 +309,22 @@ def _w4a16_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K,
                                                True)
                 lo, hi = _dequant(wh, zz, s2, a, BF16, True)
                 w = gl.convert_layout(gl.reshape(gl.join(lo, hi), (BN, 16)), a_l, assert_trivial=True)
-                acc = warpgroup_mma(w, x_smem.slice(16 * (4 * h + a), 16, dim=1).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(w, xh.slice(16 * a, 16, dim=1).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                if h == 0 and a == 0:
+                    # this warpgroup's wgmmas of the previous tile are done; once every warpgroup is here, its
+                    # ring stage is free for the tile STAGES - 1 ahead
+                    gl.thread_barrier()
+                    ahead = kt + STAGES - 1
+                    _issue_x(x_desc, x_smem, bars, (j + STAGES - 1) % STAGES, m0, ahead, ahead < kt1)
         w0, w1 = n0, n1
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
 
-    acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    # Y is contiguous along N (acc's rows): 8 rows per thread, so stores are 16 bytes wide and addresses cheap
+    acc = gl.convert_layout(acc, gl.BlockedLayout([8, 1], [16, 2], [1, NUM_WARPS], [0, 1]))
+    acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc.type.layout))
     _write_out(acc, acc_rows, acc_rows < N, pid_m, pid_k, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
                ATOMIC, BLOCK_M)
 
@@ -345,19 +373,32 @@ def _w4a16_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 
 
 def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True):
-    """(kind, BLOCK_M, R, num_warps, split_k, post_scale, x_smem); kind "mma" (mma_v2) or "wgmma" (sm_90)."""
-    # Picked from benchmarks/tune_w4a16.py sweeps on an H200 (benchmarks/NOTES-w4a16.md).
+    """(kind, BLOCK_M, R, num_warps, split_k, post_scale, x_smem, stages); kind "mma" (mma_v2) or "wgmma"
+    (sm_90, X through a TMA ring of `stages` tiles)."""
+    # Picked from sweeps on an H100 (benchmarks/tune_w4a16.py, benchmarks/NOTES-w4a16.md). Small rings and one
+    # warpgroup leave room for several CTAs per SM, which is what hides latency here (no warp specialization).
+    kind, r, post, smem, stages = "wgmma", 1, False, True, 2
     if m <= 8:
-        kind, block_m, r, warps, post, smem, per_sm = "mma", 8, 1, 4, True, False, 8
-    elif m <= 16:
-        kind, block_m, r, warps, post, smem, per_sm = "mma", 16, 1, 8, False, True, 8
-    elif m <= 32 or not hopper:
-        kind, block_m, r, warps, post, smem, per_sm = "mma", min(64, triton.next_power_of_2(m)), 1, 8, False, True, 4
-    else:
-        kind, block_m, r, warps, post, smem, per_sm = "wgmma", 64 if m <= 64 else 128, 1, 4, False, True, 2
+        kind, block_m, warps, post, smem, stages, per_sm = "mma", 8, 4, True, False, 0, 8
+    elif not hopper:
+        kind, block_m, warps, stages, per_sm = "mma", min(64, triton.next_power_of_2(m)), 8, 0, 4
+    elif m <= 32:
+        block_m, warps, per_sm = triton.next_power_of_2(m), 4, 6
+    elif m <= 64:
+        block_m, warps, per_sm = 64, 4, 3
+    elif m <= 256:  # long K: two row blocks per warp (BN 128) re-read X half as often
+        block_m, warps, per_sm, r = 128, 4, 2, 2 if k_tiles >= 64 else 1
+    else:  # the grid is large: split K only where it is under one CTA per SM (its atomic epilogue costs)
+        block_m, warps, per_sm = 128, 8, 1
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 16 * r * warps)
-    split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles))  # small grids leave SMs idle: split K
-    return kind, block_m, r, warps, split, post, smem
+    # small grids leave SMs idle: split K (wgmma: at least 4 of its 128-wide tiles per split, to fill the ring)
+    split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles if kind == "mma" else k_tiles // 4))
+    return kind, block_m, r, warps, split, post, smem, stages
+
+
+def x_smem_layout():
+    """X's shared-memory tiles in the wgmma kernel: 128-byte swizzle, 64 16-bit columns per row (TMA boxes)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
 
 _WORKSPACES: dict = {}
@@ -388,7 +429,7 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     k_tiles = qweight.shape[1] // WORDS_PER_TILE
     cap = torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    kind, block_m, r, warps, split, post, smem = config or _config(m, n, k_tiles, sms, cap[0] == 9)
+    kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9)
     per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per_split)
     atomic = split > 1
@@ -402,8 +443,13 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
         grid = (triton.cdiv(n, N_TILE * r * warps), triton.cdiv(m, block_m), split)
         ws, count = _split_workspace(x.device, m * n, grid[0] * grid[1]) if atomic else (out, out)
         if kind == "wgmma":
-            _w4a16_wgmma_kernel[grid](*args, out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m, R=r,
-                                      NUM_WARPS=warps, num_warps=warps, **flags)
+            if k % 8:  # TMA needs 16-byte aligned rows: zero columns pad K to a multiple of 8
+                x = torch.nn.functional.pad(x, (0, -k % 8))
+            elif x.data_ptr() % 16:  # and a 16-byte aligned start
+                x = x.clone()
+            x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_smem_layout())
+            _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m,
+                                      R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
         else:
             _w4a16_mma_kernel[grid](*args, out, *sizes, ws, count, GS=group_size, POST_SCALE=post, X_SMEM=smem,
                                     EVEN_K=k % K_TILE == 0, BLOCK_M=block_m, R=r, NUM_WARPS=warps,
