@@ -30,12 +30,12 @@ def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int) -> CompiledSM
     argument named x_desc is X's TMA descriptor, with (BLOCK_M, 64) boxes."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from .w4a16_gemm import x_smem_layout
+    from .w4a16_gemm import X_SMEM_LAYOUT
 
     names = list(fn.arg_names)
     x = f"*{dtype}"
     if names[0] == "x_desc":
-        x = f"tensordesc<{dtype}[{constexprs['BLOCK_M']}, 64],{x_smem_layout()!r}>"
+        x = f"tensordesc<{dtype}[{constexprs['BLOCK_M']}, 64],{X_SMEM_LAYOUT!r}>"
     types = [x, "*i32", "*fp16", "*u8", f"*{dtype}", "*fp32", "i32", "i32", "i32", "i32", "i32"]
     types += ["*fp32", "*i32"] if "ws_ptr" in names else []  # the split-K workspace and counters
     sig = {name: (types[i] if i < len(types) else "constexpr") for i, name in enumerate(names)}

@@ -122,15 +122,23 @@ def _word_offsets(pid_n, N, KT, RB: gl.constexpr, NUM_WARPS: gl.constexpr):
 
 
 @gluon.jit
-def _write_out(acc, rows, rows_ok, pid_m, pid_k, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr,
+def _k_range(KT, TILES_PER_SPLIT):
+    """This program's K split (grid axis 2): 128-wide tiles kt0 .. kt1 - 1."""
+    kt0 = gl.program_id(2) * TILES_PER_SPLIT
+    return kt0, gl.minimum(kt0 + TILES_PER_SPLIT, KT)
+
+
+@gluon.jit
+def _write_out(acc, rows, rows_ok, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr,
                HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr):
     """acc (BN, BLOCK_M) fp32 = Yᵀ's tile -> Y, bias added once (by the first K split).
 
     With ATOMIC (split K) the call stays one launch: every split adds its part into an fp32 workspace that is
     all zeros between calls; the split that arrives last (a counter per output tile) writes Y and re-zeroes both.
     """
+    pid_m = gl.program_id(1)
     if HAS_BIAS:
-        bias = gl.load(bias_ptr + rows, mask=rows_ok & (pid_k == 0), other=0).to(gl.float32)
+        bias = gl.load(bias_ptr + rows, mask=rows_ok & (gl.program_id(2) == 0), other=0).to(gl.float32)
         acc += bias[:, None]
     cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc.type.layout))
     out_off = cols[None, :] * N + rows[:, None]
@@ -167,9 +175,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
-    pid_k = gl.program_id(2)
-    kt0 = pid_k * TILES_PER_SPLIT
-    kt1 = gl.minimum(kt0 + TILES_PER_SPLIT, KT)
+    kt0, kt1 = _k_range(KT, TILES_PER_SPLIT)
 
     w_off, w_ok = _word_offsets(pid_n, N, KT, RB, NUM_WARPS)
     w0, w1 = _load_tile(qw_ptr, w_off + kt0 * 256, w_ok & (kt0 < kt1), RB)
@@ -241,7 +247,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 
     if PER_CHANNEL and POST_SCALE:
         acc *= gl.load(s_ptr + acc_rows, mask=acc_rows_ok, other=0).to(gl.float32)[:, None]
-    _write_out(acc, acc_rows, acc_rows_ok, pid_m, pid_k, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
+    _write_out(acc, acc_rows, acc_rows_ok, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
                ATOMIC, BLOCK_M)
 
 
@@ -273,9 +279,7 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
-    pid_k = gl.program_id(2)
-    kt0 = pid_k * TILES_PER_SPLIT
-    kt1 = gl.minimum(kt0 + TILES_PER_SPLIT, KT)
+    kt0, kt1 = _k_range(KT, TILES_PER_SPLIT)
     m0 = pid_m * BLOCK_M
 
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, 64], x_desc.layout)
@@ -325,7 +329,7 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
     # Y is contiguous along N (acc's rows): 8 rows per thread, so stores are 16 bytes wide and addresses cheap
     acc = gl.convert_layout(acc, gl.BlockedLayout([8, 1], [16, 2], [1, NUM_WARPS], [0, 1]))
     acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc.type.layout))
-    _write_out(acc, acc_rows, acc_rows < N, pid_m, pid_k, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
+    _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
                ATOMIC, BLOCK_M)
 
 
@@ -372,6 +376,7 @@ def _w4a16_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@functools.cache  # on every call's launch path: a pure function of a few ints
 def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True):
     """(kind, BLOCK_M, R, num_warps, split_k, post_scale, x_smem, stages); kind "mma" (mma_v2) or "wgmma"
     (sm_90, X through a TMA ring of `stages` tiles)."""
@@ -396,9 +401,8 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True):
     return kind, block_m, r, warps, split, post, smem, stages
 
 
-def x_smem_layout():
-    """X's shared-memory tiles in the wgmma kernel: 128-byte swizzle, 64 16-bit columns per row (TMA boxes)."""
-    return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+# X's shared-memory tiles in the wgmma kernel: 128-byte swizzle, 64 16-bit columns per row (the TMA boxes)
+X_SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
 
 _WORKSPACES: dict = {}
@@ -447,7 +451,7 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
                 x = torch.nn.functional.pad(x, (0, -k % 8))
             elif x.data_ptr() % 16:  # and a 16-byte aligned start
                 x = x.clone()
-            x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], x_smem_layout())
+            x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], X_SMEM_LAYOUT)
             _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m,
                                       R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
         else:
