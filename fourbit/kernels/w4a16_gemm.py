@@ -26,7 +26,7 @@ instead of wasting 15/16 of m = 16:
 (mbarrier per stage) so X's loads overlap the tensor cores, and the next slice's dequant overlapping the running
 wgmma. X is read once per CTA instead of once per warp. Measured (H100, 2026-11-22, benchmarks/results/): 2.1-2.7x
 cuBLAS bf16 at M = 1, 1.8-2.9x at M = 16, 1.1-1.9x at M = 64, 0.8-1.7x at M = 128, 0.7-1.0x at M = 256,
-0.76-0.86x at M >= 1024; benchmarks/NOTES-w4a16.md has what limits each and what was tried.
+0.77-0.91x at M >= 1024; benchmarks/NOTES-w4a16.md has what limits each and what was tried.
 
 `_w4a16_dot_kernel` (Triton, tl.dot) computes the same product from the same layout; it runs under
 TRITON_INTERPRET=1 (CPU tests: Gluon has no interpreter) and on GPUs older than sm_80.
