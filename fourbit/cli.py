@@ -1,4 +1,4 @@
-"""`fourbit generate | ppl | quantize | export | demo | bench`: the command line, one command per API entry point.
+"""`fourbit generate | serve | ppl | quantize | export | demo | bench`: the command line, one command per API entry point.
 
 Errors a user can cause print one line (`fourbit: error: ...`) and exit 1; progress bars go to stderr.
 """
@@ -74,13 +74,53 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true")
 
-    b = sub.add_parser("bench", help="benchmarks on a GPU: `bench gemm` (W4A16 vs cuBLAS, tinygemm, FP8)")
-    b.add_argument("what", choices=("gemm",))
-    b.add_argument("--shapes", nargs="+", help="subset of the Llama layer shapes (default: all)")
+    s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API (/v1/completions, ...)")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
+    _engine_args(s)
+
+    b = sub.add_parser("bench", help="benchmarks on a GPU: `bench gemm` (W4A16 vs cuBLAS, tinygemm, FP8), "
+                                     "`bench e2e` (serving engine vs transformers)")
+    b.add_argument("what", choices=("gemm", "e2e"))
+    b.add_argument("--shapes", nargs="+", help="gemm: subset of the Llama layer shapes (default: all)")
+    b.add_argument("--presets", nargs="+", default=["llama-2-7b", "llama-3-8b"], help="e2e: dummy model presets")
+    b.add_argument("--schemes", nargs="+", default=["bf16", "w4a16"], choices=("bf16", "w4a16"), help="e2e")
+    b.add_argument("--no-peer", action="store_true", help="e2e: skip the Hugging Face transformers peer")
+    b.add_argument("--sweep", action="store_true", help="e2e: request-rate sweep against `fourbit serve` instead")
     b.add_argument("--m", type=int, nargs="+", help="batch sizes M (default: 1 16 32 64 128 256 512 1024 4096)")
     b.add_argument("--group-size", type=int, default=128)
-    b.add_argument("--out", default="benchmarks/results", help="folder for <gpu>-w4a16.json and .md")
+    b.add_argument("--out", default="benchmarks/results", help="folder for <gpu>-w4a16|e2e.json and .md")
     return parser
+
+
+def _engine_args(p: argparse.ArgumentParser):
+    from .config import EngineConfig
+
+    d = EngineConfig()
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences per step (largest batch)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one step (prefill chunks + decodes)")
+    p.add_argument("--max-model-len", type=int, help="tokens per sequence, prompt + output (default: the model's)")
+    p.add_argument("--kv-cache-fraction", type=float, default=d.kv_cache_fraction,
+                   help="share of the GPU memory left beside the weights that the KV cache takes")
+    p.add_argument("--num-blocks", type=int, help="KV cache blocks (overrides --kv-cache-fraction)")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+    p.add_argument("--no-prefix-sharing", action="store_true", help="do not share identical prompt blocks")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--max-queued", type=int, default=d.max_queued,
+                   help="requests in flight before new ones get 503")
+
+
+def _engine_config(args):
+    from .config import EngineConfig
+
+    return EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                        kv_cache_fraction=args.kv_cache_fraction, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                        prefix_sharing=not args.no_prefix_sharing, cuda_graphs=not args.no_cuda_graphs,
+                        max_queued=args.max_queued)
 
 
 def _device(arg):
@@ -279,6 +319,23 @@ def cmd_demo(args):
     run_demo(_device(args.device), args.preset, args.group_size, args.seed, args.json)
 
 
+def cmd_serve(args):
+    from .engine.llm import LLM, AsyncLLM
+    from .engine.server import serve
+
+    config = _engine_config(args)  # bad engine flags fail before the model loads
+    model = load_for_cli(args)
+    if args.model.startswith("dummy:") and not args.tokenizer:  # random weights: token ids are the words
+        from .models.tokenizer import IdTokenizer
+
+        c = model.config
+        tok = IdTokenizer(c.vocab_size, c.bos_id, c.eos_ids[0] if c.eos_ids else None)
+    else:
+        tok = _tokenizer(args, model)
+    llm = LLM(model, tok, config, seed=args.seed)
+    serve(AsyncLLM(llm, args.served_model_name or args.model), args.host, args.port)
+
+
 def cmd_bench(args):
     import torch
 
@@ -286,14 +343,20 @@ def cmd_bench(args):
     from .errors import FourbitError
 
     if not torch.cuda.is_available():
-        raise FourbitError("fourbit bench gemm needs a CUDA GPU")
+        raise FourbitError(f"fourbit bench {args.what} needs a CUDA GPU")
+    if args.what == "e2e":
+        from .bench_e2e import run_e2e_bench, run_sweep
+
+        if args.sweep:
+            return run_sweep(args.presets, args.schemes, args.out)
+        return run_e2e_bench(args.presets, args.schemes, not args.no_peer, args.out)
     unknown = set(args.shapes or ()) - set(SHAPES)
     if unknown:
         raise FourbitError(f"unknown shapes {sorted(unknown)}: choose from {', '.join(SHAPES)}")
     run_gemm_bench(args.shapes, tuple(args.m or M_VALUES), args.group_size, args.out)
 
 
-COMMANDS = {"generate": cmd_generate, "ppl": cmd_ppl, "quantize": cmd_quantize, "export": cmd_export,
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "ppl": cmd_ppl, "quantize": cmd_quantize, "export": cmd_export,
             "demo": cmd_demo, "bench": cmd_bench}
 
 

@@ -108,6 +108,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     stop_at_eos: bool = True
+    seed: int | None = None  # engine: this request samples from its own generator, seeded so (reproducible)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -116,3 +117,28 @@ class SamplingParams:
             raise FourbitError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 0:
             raise FourbitError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the serving engine (fourbit.engine) lays out its KV cache and batches its steps."""
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # KV blocks; None: sized from kv_cache_fraction of the free device memory
+    kv_cache_fraction: float = 0.9  # of the memory left after the weights (CUDA), when num_blocks is None
+    max_num_seqs: int = 256  # sequences in one step (the largest decode batch)
+    max_num_batched_tokens: int = 2048  # token budget of one step: prefill chunks + decodes
+    max_model_len: int | None = None  # tokens per sequence; None: the model's max_seq_len
+    prefix_sharing: bool = True  # identical full prompt blocks are computed once and shared
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs captured per batch-size bucket
+    max_queued: int = 1024  # server: requests in flight (waiting + running) before new ones get 503
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queued"):
+            if getattr(self, name) < 1:
+                raise FourbitError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size & (self.block_size - 1):
+            raise FourbitError(f"block_size must be a power of two (16 is usual), got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise FourbitError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise FourbitError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")

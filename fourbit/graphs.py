@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 
-def capture(fn, device=None) -> torch.cuda.CUDAGraph:
+def capture(fn, device=None, pool=None) -> torch.cuda.CUDAGraph:
     """Run fn once on a side stream (lazy initialization, kernel compilation and allocator growth stay out of
-    the graph, as capture requires), then record one call of fn; graph.replay() repeats it."""
+    the graph, as capture requires), then record one call of fn; graph.replay() repeats it. Graphs given the same
+    pool (torch.cuda.graph_pool_handle()) share their memory: capture the largest first."""
     with torch.cuda.device(device):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -14,6 +15,6 @@ def capture(fn, device=None) -> torch.cuda.CUDAGraph:
             fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             fn()
     return graph

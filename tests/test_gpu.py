@@ -115,3 +115,40 @@ def test_w4a16_layer_under_torch_compile():
         x = torch.randn(m, 1100, device="cuda", dtype=torch.bfloat16)
         eager, out = layer(x).float(), compiled(x).float()
         assert out.shape == (m, 1000) and float((out - eager).norm() / eager.norm()) < 1e-3
+
+
+_ATTN_CASES = [  # (Hq, Hkv, D, block_size, sliding_window, [(seq_len, q_len), ...])
+    (32, 8, 128, 16, None, [(2048, 1), (1, 1), (0, 1), (1500, 1)]),  # decode, long contexts: split KV
+    (32, 32, 128, 16, None, [(n, 1) for n in range(1, 400, 7)] + [(0, 1)]),  # decode, many sequences
+    (32, 8, 128, 16, None, [(1000, 1000), (17, 17), (300, 77), (1, 1), (0, 1), (513, 1)]),  # mixed prefill
+    (28, 4, 64, 32, 100, [(700, 250), (129, 1), (64, 64), (5, 3)]),  # G = 7, window
+    (8, 1, 256, 16, None, [(333, 100), (90, 1), (2, 2)]),
+    (16, 16, 32, 16, 33, [(257, 257), (48, 1)]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_ATTN_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paged_attention_on_cuda(dtype, case):
+    """The Triton paged-attention kernel in bf16 and fp16 against the float32 reference, outputs poisoned with
+    NaN; decode batches also replay from a CUDA graph after their lengths change (no host syncs in the launch)."""
+    from test_paged_attention import _batch  # its caches hold NaN outside the written tokens
+
+    from fourbit.kernels.paged_attention import paged_attention
+    from fourbit.kernels.ref import paged_attention_ref
+
+    hq, hkv, d, bs, window, specs = _ATTN_CASES[case]
+    args, _, _ = _batch(specs, hq, hkv, d, bs, dtype, seed=case)
+    out = torch.full_like(args["q"], float("nan"))
+    paged_attention(**args, sliding_window=window, out=out)
+    ref = paged_attention_ref(**args, sliding_window=window)
+    assert torch.isfinite(out).all()
+    assert float((out.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
+    if args["max_query_len"] == 1:
+        graph = capture(lambda: paged_attention(**args, sliding_window=window, out=out))
+        args["seq_lens"].copy_((args["seq_lens"] - 1).clamp(min=0))  # drop each context's last key
+        args["q"].copy_(torch.randn_like(args["q"]))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = paged_attention_ref(**args, sliding_window=window)
+        assert float((out.double() - ref.double()).norm() / ref.double().norm()) < 1e-2

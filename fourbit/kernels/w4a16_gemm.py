@@ -406,6 +406,7 @@ X_SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16
 
 
 _WORKSPACES: dict = {}
+_RETIRED: list = []  # outgrown workspaces: CUDA graphs captured earlier still point at them, so they stay allocated
 # Gluon is experimental and its API moves between Triton releases: the kernels are written for Triton 3.6.
 GLUON_TRITON = "3.6"
 GLUON_OK = triton.__version__.startswith(GLUON_TRITON + ".")
@@ -413,10 +414,13 @@ GLUON_OK = triton.__version__.startswith(GLUON_TRITON + ".")
 
 def _split_workspace(device, numel: int, tiles: int):
     """The fp32 split-K workspace and per-tile arrival counters of `device`, all zeros between calls (the
-    kernel re-zeroes what it used). Grown, never shrunk; shared by every call on the device, so two W4A16 GEMMs
-    must not run concurrently on different streams of one device."""
+    kernel re-zeroes what it used). Grown, never shrunk, never freed (a captured CUDA graph keeps the address it
+    saw); shared by every call on the device, so two W4A16 GEMMs must not run concurrently on different streams of
+    one device."""
     ws, count = _WORKSPACES.get(device, (None, None))
     if ws is None or ws.numel() < numel or count.numel() < tiles:
+        if ws is not None:
+            _RETIRED.append((ws, count))
         ws = torch.zeros(max(numel, 0 if ws is None else ws.numel()), device=device, dtype=torch.float32)
         count = torch.zeros(max(tiles, 0 if count is None else count.numel()), device=device, dtype=torch.int32)
         _WORKSPACES[device] = ws, count

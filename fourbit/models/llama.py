@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import FourbitError
+from .attention import BatchMeta, DenseContext, KVCache, PagedContext, PagedKVCache
 
 LinearFactory = Callable[[int, int, bool], nn.Module]
 
@@ -70,26 +71,6 @@ def apply_rope(x, cos, sin, interleaved: bool):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-class KVCache:
-    """Static per-layer key/value buffers (B, Hkv, S, D). The storage dtype is the cache's own property."""
-
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (batch, config.n_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.max_len = max_len
-        self.dtype = dtype
-
-    def update(self, layer: int, start: int, k, v):
-        """Store k, v (B, Hkv, T, D) at slots [start, start+T); return all keys and values so far."""
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise FourbitError(f"KV cache holds {self.max_len} tokens; {end} needed: allocate a longer cache")
-        self.k[layer][:, :, start:end] = k.to(self.dtype)
-        self.v[layer][:, :, start:end] = v.to(self.dtype)
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, make_linear: LinearFactory):
         super().__init__()
@@ -100,21 +81,13 @@ class Attention(nn.Module):
         self.v_proj = make_linear(c.dim, c.n_kv_heads * c.head_dim, c.qkv_bias)
         self.o_proj = make_linear(c.n_heads * c.head_dim, c.dim, False)
 
-    def forward(self, x, cos, sin, mask, interleaved: bool, cache: KVCache | None, layer: int, start: int):
-        """mask (B, 1, T, S) boolean, or None for plain causal attention over all keys."""
+    def forward(self, x, cos, sin, interleaved: bool, ctx, layer: int):
+        """x (B, T, dim); ctx holds the keys and values (models/attention.py: DenseContext or PagedContext)."""
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, interleaved)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin, interleaved)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)  # (B, Hkv, S, D)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        group = self.n_heads // self.n_kv_heads
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(ctx.attend(layer, q, k, v).reshape(B, T, -1))  # attend: (B, T, H, D)
 
 
 class MLP(nn.Module):
@@ -136,8 +109,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config, make_linear)
 
-    def forward(self, x, cos, sin, mask, interleaved, cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, interleaved, cache, layer, start)
+    def forward(self, x, cos, sin, interleaved, ctx, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, interleaved, ctx, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -179,8 +152,22 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(tokens)
         cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
         mask = None if plain else self._mask(slots, pad, start if cache is None else 0, start + T)  # (B, 1, T, S)
+        return self._layers(h, cos, sin, DenseContext(mask, cache, start))
+
+    def forward_paged(self, tokens, meta: BatchMeta, cache: PagedKVCache):
+        """The serving engine's step: tokens (T,) of S sequences (models/attention.py: BatchMeta says where
+        each sits). Returns float32 logits (S, V) of each sequence's last new token."""
+        angles = meta.positions[:, None].to(torch.float64) * self.inv_freq  # (T, D/2)
+        h = self.embed_tokens(tokens)[None]  # (1, T, dim)
+        cos, sin = angles.cos().to(h.dtype)[None], angles.sin().to(h.dtype)[None]
+        return self._layers(h, cos, sin, PagedContext(meta, cache, self.config.sliding_window), rows=meta.last)
+
+    def _layers(self, h, cos, sin, ctx, rows=None):
+        """The decoder blocks, final norm and classifier; logits of all positions, or of h[0, rows] (S,)."""
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, self.config.rope_interleaved, cache, i, start)
+            h = layer(h, cos, sin, self.config.rope_interleaved, ctx, i)
+        if rows is not None:
+            h = h[0, rows]  # (S, dim): the classifier runs only where a token is sampled
         h = self.norm(h)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, head).to(torch.promote_types(h.dtype, torch.float32))

@@ -1,0 +1,284 @@
+"""LLM: the serving engine's front door (continuous batching over a paged KV cache), and AsyncLLM, the same
+engine on a background thread for the HTTP server.
+
+    llm = fourbit.LLM(model, tokenizer)                 # a LlamaModel (float or W4A16), or a checkpoint path
+    outs = llm.generate(["Once upon a time"], SamplingParams(max_new_tokens=64))
+
+Each step the scheduler picks the sequences and token counts (engine/scheduler.py), the runner computes them and
+samples (engine/runner.py), the scheduler appends the tokens and retires finished sequences.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+from tqdm import tqdm
+
+from ..config import EngineConfig, SamplingParams
+from ..errors import FourbitError
+from ..models.llama import LlamaModel
+from ..models.tokenizer import Tokenizer
+from .block_manager import BlockManager
+from .runner import Runner
+from .scheduler import Scheduler
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None  # None without a tokenizer
+    finish_reason: str
+
+
+class LLM:
+    def __init__(self, model: LlamaModel | str | Path, tokenizer: Tokenizer | str | Path | None = None,
+                 config: EngineConfig | None = None, seed: int = 0, device=None):
+        """model: a LlamaModel on its device, or anything fourbit.load reads (a path, dummy:<preset>), loaded
+        in bf16 on CUDA (fp32 on a CPU). tokenizer: a Tokenizer or its file/folder (default: beside the path)."""
+        if not isinstance(model, LlamaModel):
+            from ..api import load
+
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            where = Path(str(model))
+            model = load(str(model), torch.bfloat16 if device.type == "cuda" else torch.float32, device, seed)
+            if tokenizer is None and not str(where).startswith("dummy:"):
+                folder = where.parent if where.is_file() else where
+                if any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+                    tokenizer = folder
+        self.model = model.eval()
+        self.tokenizer = Tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+        self.config = config = config or EngineConfig()
+        self.max_model_len = min(config.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.runner = Runner(model, config, self.max_model_len, seed)
+        cache_tokens = self.runner.num_blocks * config.block_size
+        if cache_tokens < self.max_model_len:  # one sequence must fit the cache alone, or it could never finish
+            warnings.warn(f"the KV cache holds {cache_tokens} tokens, fewer than max_model_len="
+                          f"{self.max_model_len}: sequences are limited to {cache_tokens} tokens", stacklevel=2)
+            self.max_model_len = cache_tokens
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.prefix_sharing)
+        self.scheduler = Scheduler(config, self.blocks, self.max_model_len, model.config.eos_ids)
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0}
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt: ids as given, or text encoded with BOS (the tokenizer's, else the model's)."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise FourbitError("text prompts need a tokenizer: pass LLM(model, tokenizer=...) or token ids")
+        bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.model.config.bos_id
+        return ([] if bos is None else [bos]) + self.tokenizer.encode(prompt)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Queue a request; FourbitError if it can never be served (empty, or longer than max_model_len)."""
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise FourbitError(f"prompt token ids must be in [0, {vocab}) for this model")
+        seq = Sequence(next(self._ids), list(prompt_ids), params)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq_id: int) -> None:
+        if self.scheduler.abort(seq_id) is not None:
+            self.runner.forget(seq_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[Sequence]:
+        """One engine step; returns the sequences that got a token or finished in it."""
+        batch = self.scheduler.schedule()
+        self.stats["preempted"] += len(batch.preempted)
+        if not batch.seqs:
+            return []
+        sampled = self.runner.execute(batch)
+        self.stats["steps"] += 1
+        key = "decode_tokens" if batch.is_decode else "prefill_tokens"
+        self.stats[key] += sum(batch.num_new)
+        events = self.scheduler.update(batch, sampled)
+        for seq in events:
+            if seq.status is SeqStatus.FINISHED:
+                self.runner.forget(seq.seq_id)
+        return events
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = True) -> list[Completion]:
+        """Complete each prompt (text, or a list of token ids); all are batched together continuously."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise FourbitError(f"{len(prompts)} prompts but {len(params)} SamplingParams: pass one, or one each")
+        seqs = [self.add_request(self.encode(p), sp) for p, sp in zip(prompts, params)]
+        t0, produced = time.perf_counter(), 0
+        with tqdm(total=len(seqs), desc="generate", unit="req", disable=not progress) as bar:
+            while self.has_work():
+                for seq in self.step():
+                    produced += 1
+                    if seq.status is SeqStatus.FINISHED:
+                        bar.update(1)
+                bar.set_postfix_str(f"{produced / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
+        return [Completion(s.prompt, list(s.output), self._decode(s.output), s.finish_reason) for s in seqs]
+
+    def _decode(self, ids):
+        return None if self.tokenizer is None else self.tokenizer.decode(ids)
+
+
+# -- the async engine the server drives ------------------------------------------------------------------------
+@dataclass
+class RequestOutput:
+    new_tokens: list[int]  # tokens produced since the previous RequestOutput of this request
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort" on the last one
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served from shared prefix blocks
+
+
+class QueueFull(FourbitError):
+    """More requests are in flight than the engine's max_queued."""
+
+
+class EngineError(FourbitError):
+    """The engine thread stopped on an error (e.g. a device fault); no request can be served."""
+
+
+class AsyncLLM:
+    """An LLM stepping on its own thread. generate() is called from the asyncio loop; requests and aborts cross
+    to the engine thread through a queue, outputs come back through each request's asyncio.Queue."""
+
+    def __init__(self, llm: LLM, model_name: str):
+        self.llm, self.model_name = llm, model_name
+        self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
+        self.max_queued = llm.config.max_queued
+        self._inbox: queue.Queue = queue.Queue()  # ("add", seq_args, out queue) | ("abort", request key)
+        self._outs: dict[object, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._in_flight = 0
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+    async def start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="fourbit-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self, grace_seconds: float = 5.0):
+        """Stop taking requests; let running ones finish for up to grace_seconds, then abort the rest."""
+        deadline = time.monotonic() + grace_seconds
+        self.max_queued = 0
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if self._error is not None:
+            raise EngineError(f"the engine stopped after an error: {self._error!r}")
+        if self._in_flight >= self.max_queued:
+            raise QueueFull(f"{self._in_flight} requests in flight (max_queued={self.max_queued}): retry later")
+        if not prompt_ids:
+            raise FourbitError("the prompt is empty: pass at least one token")
+        if len(prompt_ids) + 1 > self.max_model_len:
+            raise FourbitError(f"the prompt has {len(prompt_ids)} tokens; this engine serves at most "
+                               f"{self.max_model_len} per sequence (prompt + output): shorten the prompt")
+        loop, out = asyncio.get_running_loop(), asyncio.Queue()
+        key = object()
+        self._in_flight += 1
+        self._inbox.put(("add", key, (list(prompt_ids), params), loop, out))
+        done = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done = item.finish_reason is not None
+                yield item
+                if done:
+                    return
+        finally:
+            self._in_flight -= 1
+            if not done:  # the consumer left early (client gone, task cancelled): free the request's blocks
+                self._inbox.put(("abort", key))
+
+    # -- engine thread --------------------------------------------------------------------------------------
+    def _loop(self):
+        live: dict[object, Sequence] = {}  # request key -> sequence
+        owner: dict[int, object] = {}  # seq_id -> request key
+        sent: dict[int, int] = {}  # seq_id -> output tokens delivered
+        try:
+            while not self._stop.is_set():
+                self._drain(live, owner, sent, block=not self.llm.has_work())
+                if not self.llm.has_work():
+                    continue
+                for seq in self.llm.step():
+                    key = owner.get(seq.seq_id)
+                    if key is None:
+                        continue
+                    finished = seq.status is SeqStatus.FINISHED
+                    self._send(key, RequestOutput(seq.output[sent[seq.seq_id]:], seq.finish_reason if finished
+                                                  else None, len(seq.prompt), seq.num_cached))
+                    sent[seq.seq_id] = len(seq.output)
+                    if finished:
+                        del live[key], owner[seq.seq_id], sent[seq.seq_id]
+        except BaseException as e:  # a device error: fail every request instead of hanging them
+            self._error = e
+            for key in list(live):
+                self._send(key, EngineError(f"engine error: {e!r}"))
+            raise
+        for key, seq in live.items():  # shut down with requests still running
+            self.llm.abort(seq.seq_id)
+            self._send(key, RequestOutput([], "abort", len(seq.prompt), seq.num_cached))
+
+    def _drain(self, live, owner, sent, block: bool):
+        while True:
+            try:
+                msg = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if msg is None:
+                return
+            if msg[0] == "add":
+                _, key, (prompt, params), loop, out = msg
+                self._outs[key] = (loop, out)
+                try:
+                    seq = self.llm.add_request(prompt, params)
+                except FourbitError as e:
+                    self._send(key, e)
+                    continue
+                live[key], owner[seq.seq_id], sent[seq.seq_id] = seq, key, 0
+            else:
+                seq = live.pop(msg[1], None)
+                self._outs.pop(msg[1], None)
+                if seq is not None:
+                    self.llm.abort(seq.seq_id)
+                    del owner[seq.seq_id], sent[seq.seq_id]
+
+    def _send(self, key, item):
+        target = self._outs.get(key)
+        if target is None:
+            return
+        loop, out = target
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            del self._outs[key]
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (server gone)
+            pass

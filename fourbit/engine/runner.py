@@ -1,0 +1,199 @@
+"""Runner: one engine step on the device. Builds the step's BatchMeta once, runs the model over the paged KV
+cache, samples the next tokens.
+
+Decode steps (every sequence computes one token) replay a CUDA graph captured for the smallest batch-size
+bucket that holds the batch; the rows past the batch are padding: token 0 at a scratch slot with seq_len 0,
+which the attention kernel skips. Prefill and mixed steps run eagerly.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import EngineConfig, SamplingParams
+from ..errors import FourbitError
+from ..graphs import capture
+from ..models.attention import BatchMeta, PagedKVCache
+from ..models.llama import LlamaModel
+from .scheduler import ScheduledBatch
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+CPU_CACHE_BYTES = 2 << 30  # default KV cache on a CPU: enough for tests and small models
+
+
+class Runner:
+    def __init__(self, model: LlamaModel, config: EngineConfig, max_model_len: int, seed: int = 0):
+        self.model, self.config, self.max_model_len = model, config, max_model_len
+        self.device = model.device
+        self.max_blocks = -(-max_model_len // config.block_size)  # block-table width
+        self.cache = PagedKVCache(model.config, self._num_blocks() + 1, config.block_size, model.dtype, self.device)
+        self.num_blocks = self.cache.num_blocks - 1  # the scheduler's; the last block is the scratch block
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._seeded: dict[int, torch.Generator] = {}  # seq_id -> generator of requests with their own seed
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+        if config.cuda_graphs and self.device.type == "cuda":
+            self._capture_graphs()
+
+    # -- memory ---------------------------------------------------------------------------------------------
+    def _num_blocks(self) -> int:
+        c, per_block = self.config, PagedKVCache.bytes_per_block(self.model.config, self.config.block_size,
+                                                                  self.model.dtype)
+        if c.num_blocks is not None:
+            return c.num_blocks
+        if self.device.type != "cuda":
+            want = c.max_num_seqs * self.max_blocks
+            return max(self.max_blocks, min(want, CPU_CACHE_BYTES // per_block))
+        # What a full step needs besides the cache: measure it with one step of the token budget.
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self._profile_step()
+        step_bytes = torch.cuda.max_memory_allocated(self.device) - before
+        free, total = torch.cuda.mem_get_info(self.device)
+        graphs = 0.5 * 2**30 if c.cuda_graphs else 0  # captured graphs' own pool (measured ~0.3 GB for 7B)
+        budget = free * c.kv_cache_fraction - 1.2 * step_bytes - graphs
+        blocks = int(budget // per_block)
+        if blocks < self.max_blocks:
+            raise FourbitError(f"the KV cache fits only {max(blocks, 0)} blocks of {c.block_size} tokens, less than "
+                               f"one sequence of max_model_len={self.max_model_len}: lower max_model_len, "
+                               f"max_num_batched_tokens, or free GPU memory")
+        return blocks
+
+    @torch.inference_mode()
+    def _profile_step(self):
+        """One prefill of the whole token budget over a throwaway cache: the activation peak of a step."""
+        c = self.config
+        t = min(c.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-t // c.block_size)
+        cache = PagedKVCache(self.model.config, blocks, c.block_size, self.model.dtype, self.device)
+        tokens = torch.zeros(t, dtype=torch.long, device=self.device)
+        pos = torch.arange(t, device=self.device)
+        meta = BatchMeta(pos, pos, torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
+                         torch.tensor([t], dtype=torch.int32, device=self.device),
+                         torch.tensor([0, t], dtype=torch.int32, device=self.device),
+                         torch.tensor([t - 1], device=self.device), t)
+        self.model.forward_paged(tokens, meta, cache)
+        del cache
+
+    # -- one step -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Run the batch's tokens; returns the sampled token of each sequence whose step completed its known
+        tokens (a decode, or the last chunk of a prefill), None for the others."""
+        bs = self.config.block_size
+        tokens, positions, slots, seq_lens, query_start, tables = [], [], [], [], [0], []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            start, table = seq.num_computed, seq.block_table
+            tokens += seq.tokens[start:start + n]
+            for p in range(start, start + n):
+                positions.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            seq_lens.append(start + n)
+            query_start.append(query_start[-1] + n)
+            tables.append(table)
+        s = len(batch.seqs)
+        graph = self._bucket(s) if batch.is_decode else None
+        rows = graph if graph is not None else s
+        width = self.max_blocks if graph is not None else max(len(t) for t in tables)
+        scratch = self.cache.scratch_block
+        # padding rows (graph buckets): token 0, written to the scratch block, seq_len 0 (never attended)
+        tokens += [0] * (rows - s)
+        positions += [0] * (rows - s)
+        slots += [scratch * bs] * (rows - s)
+        seq_lens += [0] * (rows - s)
+        query_start += list(range(query_start[-1] + 1, query_start[-1] + 1 + rows - s))
+        table_rows = [t + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * (rows - s)
+        host = {
+            "tokens": torch.tensor(tokens, dtype=torch.long), "positions": torch.tensor(positions),
+            "slots": torch.tensor(slots), "block_tables": torch.tensor(table_rows, dtype=torch.int32),
+            "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
+            "query_start": torch.tensor(query_start, dtype=torch.int32),
+            "last": torch.tensor(query_start[1:], dtype=torch.long) - 1,
+        }
+        if graph is not None:
+            g, static, logits = self.graphs[graph]
+            for name, t in host.items():
+                static[name].copy_(t, non_blocking=True)
+            g.replay()
+            logits = logits[:s]
+        else:
+            dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            meta = BatchMeta(dev["positions"], dev["slots"], dev["block_tables"], dev["seq_lens"],
+                             dev["query_start"], dev["last"], max(batch.num_new))
+            logits = self.model.forward_paged(dev["tokens"], meta, self.cache)
+        want = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)) if seq.num_computed + n == seq.num_tokens]
+        out: list[int | None] = [None] * s
+        if want:
+            picked = self._sample(logits[want], [batch.seqs[i] for i in want])
+            for i, t in zip(want, picked):
+                out[i] = t
+        return out
+
+    def forget(self, seq_id: int):
+        """Drop the sampling state of a finished request."""
+        self._seeded.pop(seq_id, None)
+
+    def _sample(self, logits, seqs) -> list[int]:
+        """logits (S, V) float32 -> one token per sequence, each with its own SamplingParams."""
+        out = logits.argmax(-1)  # greedy rows keep this
+        hot = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+        if hot:
+            p = [seqs[i].params for i in hot]
+            temp = torch.tensor([x.temperature for x in p], device=logits.device)[:, None]
+            probs = torch.softmax(logits[hot] / temp, dim=-1)  # (H, V)
+            top_p = torch.tensor([x.top_p for x in p], device=logits.device)[:, None]
+            if (top_p < 1).any():
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
+                sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0)
+                probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+            shared = [j for j, x in enumerate(p) if x.seed is None]
+            if shared:
+                out[[hot[j] for j in shared]] = torch.multinomial(probs[shared], 1, generator=self.generator)[:, 0]
+            for j, x in enumerate(p):
+                if x.seed is not None:
+                    seq = seqs[hot[j]]
+                    gen = self._seeded.get(seq.seq_id)
+                    if gen is None:
+                        gen = self._seeded[seq.seq_id] = torch.Generator(device=logits.device).manual_seed(x.seed)
+                    out[hot[j]] = torch.multinomial(probs[j:j + 1], 1, generator=gen)[0, 0]
+        return out.tolist()
+
+    # -- CUDA graphs ----------------------------------------------------------------------------------------
+    def _bucket(self, s: int) -> int | None:
+        for b in self.graphs:  # ascending
+            if b >= s:
+                return b
+        return None
+
+    @torch.inference_mode()
+    def _capture_graphs(self):
+        """Capture a decode step for each bucket up to max_num_seqs, largest first, sharing one memory pool."""
+        t0 = time.perf_counter()
+        dev, scratch, bs = self.device, self.cache.scratch_block, self.config.block_size
+        sizes = [b for b in GRAPH_BUCKETS if b <= self.config.max_num_seqs]
+        if not sizes or sizes[-1] < self.config.max_num_seqs:
+            sizes.append(self.config.max_num_seqs)
+        pool = torch.cuda.graph_pool_handle()
+        captured = {}
+        for b in reversed(sizes):
+            static = {
+                "tokens": torch.zeros(b, dtype=torch.long, device=dev),
+                "positions": torch.zeros(b, dtype=torch.long, device=dev),
+                "slots": torch.full((b,), scratch * bs, dtype=torch.long, device=dev),
+                "block_tables": torch.full((b, self.max_blocks), scratch, dtype=torch.int32, device=dev),
+                "seq_lens": torch.zeros(b, dtype=torch.int32, device=dev),
+                "query_start": torch.arange(b + 1, dtype=torch.int32, device=dev),
+                "last": torch.arange(b, device=dev),
+            }
+            meta = BatchMeta(static["positions"], static["slots"], static["block_tables"], static["seq_lens"],
+                             static["query_start"], static["last"], 1)
+            result = []
+            graph = capture(lambda: result.append(self.model.forward_paged(static["tokens"], meta, self.cache)),
+                            dev, pool)
+            captured[b] = (graph, static, result[-1])
+        self.graphs = dict(sorted(captured.items()))
+        torch.cuda.synchronize(dev)
+        self.capture_seconds = time.perf_counter() - t0
