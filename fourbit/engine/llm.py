@@ -130,10 +130,16 @@ class LLM:
                     if seq.status is SeqStatus.FINISHED:
                         bar.update(1)
                 bar.set_postfix_str(f"{produced / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
-        return [Completion(s.prompt, list(s.output), self._decode(s.output), s.finish_reason) for s in seqs]
+        return [Completion(s.prompt, list(s.output), self._continuation(s.prompt, s.output), s.finish_reason)
+                for s in seqs]
 
-    def _decode(self, ids):
-        return None if self.tokenizer is None else self.tokenizer.decode(ids)
+    def _continuation(self, prompt, output):
+        """The output's text as it continues the prompt: decoded after the prompt's last token, so a SentencePiece
+        word keeps the leading space it has there (decoded alone, the first word loses it)."""
+        if self.tokenizer is None:
+            return None
+        head, full = self.tokenizer.decode(prompt[-1:]), self.tokenizer.decode(prompt[-1:] + output)
+        return full[len(head):] if full.startswith(head) else self.tokenizer.decode(output)
 
 
 # -- the async engine the server drives ------------------------------------------------------------------------
