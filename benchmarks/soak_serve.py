@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from fourbit.bench import result_stem
 from fourbit.bench_e2e import _serve
 
 
@@ -108,7 +109,7 @@ def main():
              passed=passed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = gpu.lower().replace("nvidia ", "").replace(" ", "-") + "-soak"
+    stem = result_stem(gpu, "soak")
     (out / f"{stem}.json").write_text(json.dumps(r, indent=1) + "\n")
     mem = [m for _, m in r["memory_mib"]]
     (out / f"{stem}.md").write_text(

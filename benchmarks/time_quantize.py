@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fourbit  # noqa: E402
+from fourbit.bench import result_stem  # noqa: E402
 from fourbit.config import W4A16Config  # noqa: E402
 from fourbit.nn.linear import W4A16Linear  # noqa: E402
 
@@ -93,7 +94,7 @@ def main():
         meta["triton"] = triton.__version__
     except ImportError:
         pass
-    stem = gpu.lower().replace("nvidia ", "").replace(" ", "-") + "-quantize-time"
+    stem = result_stem(gpu, "quantize-time")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = _keep_other_rows(out / f"{stem}.json", meta, rows)

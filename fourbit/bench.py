@@ -122,9 +122,14 @@ def run_gemm_bench(shapes=None, m_values=M_VALUES, group_size: int = 128, out_di
     return meta, rows
 
 
+def result_stem(gpu: str, what: str) -> str:
+    """The benchmarks/results/ file stem of a result: "NVIDIA H100 80GB HBM3", "e2e" -> "h100-80gb-hbm3-e2e"."""
+    return gpu.lower().replace("nvidia ", "").replace(" ", "-") + "-" + what
+
+
 def write_results(out_dir: Path, meta: dict, rows: list):
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = meta["gpu"].lower().replace("nvidia ", "").replace(" ", "-") + "-w4a16"
+    stem = result_stem(meta["gpu"], "w4a16")
     (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     names = [n for n in rows[0]["ms"]]
     lines = [f"# W4A16 GEMM on {meta['gpu']}, {meta['date']}",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .bench import _ceilings, result_stem
 from .config import EngineConfig, SamplingParams, W4A16Config
 
 DECODE_PROMPT, DECODE_NEW = 128, 256
@@ -158,8 +159,6 @@ def bench_transformers(preset: str, seed: int = 0) -> dict:
 def run_e2e_bench(presets, schemes=("bf16", "w4a16"), peer: bool = True, out_dir=None, seed: int = 0) -> dict:
     import triton
 
-    from .bench import _ceilings
-
     bandwidth, _ = _ceilings()
     gpu = torch.cuda.get_device_name()
     meta = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
@@ -194,7 +193,7 @@ def _line(r: dict) -> str:
 def write_e2e(out_dir: Path, meta: dict, rows: list):
     """<gpu>-e2e.json and .md; rows of presets this run did not measure are kept from the previous file."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = meta["gpu"].lower().replace("nvidia ", "").replace(" ", "-") + "-e2e"
+    stem = result_stem(meta["gpu"], "e2e")
     path = out_dir / f"{stem}.json"
     ran = {r["preset"] for r in rows}
     if path.is_file():
@@ -340,7 +339,7 @@ def run_sweep(presets, schemes=("bf16", "w4a16"), out_dir=None, port: int = 8713
 
 def _write_sweep(out_dir: Path, rows: list):
     gpu = torch.cuda.get_device_name()
-    stem = gpu.lower().replace("nvidia ", "").replace(" ", "-") + "-e2e-sweep"
+    stem = result_stem(gpu, "e2e-sweep")
     meta = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "setup": f"`fourbit serve dummy:<preset>`, {SWEEP_REQUESTS} streaming /v1/completions per rate, prompt "
                      f"{SWEEP_PROMPT} random tokens, {SWEEP_NEW} new tokens, Poisson arrivals"}

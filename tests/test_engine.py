@@ -168,3 +168,36 @@ def test_cache_head_dims_match_the_kernel():
     from fourbit.models.attention import PAGED_HEAD_DIMS
 
     assert PAGED_HEAD_DIMS == HEAD_DIMS
+
+
+def test_decode_bucket_path_on_cpu(model, tokenizer):
+    """The CUDA-graph decode path's bookkeeping (static buffers, padding rows written to the scratch block with
+    seq_len 0, block tables padded to max_model_len) on a CPU: each "graph" replays the captured call eagerly."""
+    from fourbit.engine.runner import batch_meta
+
+    llm = LLM(model, tokenizer, EngineConfig(max_num_seqs=8, max_model_len=128))
+    runner = llm.runner
+
+    class Replay:  # what a captured graph does on replay(): the same call on the same buffers, into the same output
+        def __init__(self, static, out):
+            self.static, self.out = static, out
+
+        def replay(self):
+            self.out.copy_(model.forward_paged(self.static["tokens"], batch_meta(self.static, 1), runner.cache))
+
+    for b in (4, 8):  # 3 or 5 sequences land in a bigger bucket: padding rows are exercised
+        static = runner.decode_buffers(b)
+        runner.graphs[b] = (Replay(static, logits := torch.empty(b, model.config.vocab_size)), static, logits)
+    prompts = _prompts(tokenizer, n=5, seed=3)
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    replays = []
+    original = runner.execute
+
+    def counting(batch):
+        replays.append(batch.is_decode and runner._bucket(len(batch.seqs)) is not None)
+        return original(batch)
+
+    runner.execute = counting
+    outs = llm.generate(prompts, params, progress=False)
+    assert any(replays)  # the bucket path ran
+    assert [o.token_ids for o in outs] == _reference(model, prompts, params)

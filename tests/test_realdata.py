@@ -18,7 +18,6 @@ from fourbit.eval.perplexity import perplexity
 from fourbit.models.generate import generate
 from fourbit.models.loader import load_model
 from fourbit.models.tokenizer import Tokenizer
-from fourbit.models.tokenizer import Tokenizer
 
 SEQ_LEN = 512
 PREFIX = 30_000  # tokens scored by the default tests: 58 windows

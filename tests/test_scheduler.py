@@ -282,3 +282,13 @@ def test_soak_random_requests():
     assert stats["preempted"] > 50 and stats["cached"] > 1000 and stats["deep"] > 500, stats
     assert stats["model_len"] > 50 and stats["stop"] > 100 and stats["abort"] > 50, stats
     assert time.perf_counter() - t0 < 60, stats
+
+
+def test_token_range_equals_slicing_tokens():
+    from fourbit.engine.sequence import Sequence
+
+    seq = Sequence(0, [5, 6, 7])
+    seq.output += [8, 9]
+    for start in range(6):
+        for end in range(start, 7):
+            assert seq.token_range(start, end) == seq.tokens[start:end]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
-from ..config import EngineConfig, SamplingParams
+from ..config import EngineConfig
 from ..errors import FourbitError
 from ..graphs import capture
 from ..models.attention import BatchMeta, PagedKVCache
+from ..models.generate import nucleus
 from ..models.llama import LlamaModel
 from .scheduler import ScheduledBatch
 
@@ -68,13 +70,13 @@ class Runner:
         t = min(c.max_num_batched_tokens, self.max_model_len)
         blocks = -(-t // c.block_size)
         cache = PagedKVCache(self.model.config, blocks, c.block_size, self.model.dtype, self.device)
-        tokens = torch.zeros(t, dtype=torch.long, device=self.device)
         pos = torch.arange(t, device=self.device)
-        meta = BatchMeta(pos, pos, torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
-                         torch.tensor([t], dtype=torch.int32, device=self.device),
-                         torch.tensor([0, t], dtype=torch.int32, device=self.device),
-                         torch.tensor([t - 1], device=self.device), t)
-        self.model.forward_paged(tokens, meta, cache)
+        step = {"tokens": torch.zeros_like(pos), "positions": pos, "slots": pos,
+                "block_tables": torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
+                "seq_lens": torch.tensor([t], dtype=torch.int32, device=self.device),
+                "query_start": torch.tensor([0, t], dtype=torch.int32, device=self.device),
+                "last": torch.tensor([t - 1], device=self.device)}
+        self.model.forward_paged(step["tokens"], batch_meta(step, t), cache)
         del cache
 
     # -- one step -------------------------------------------------------------------------------------------
@@ -86,7 +88,7 @@ class Runner:
         tokens, positions, slots, seq_lens, query_start, tables = [], [], [], [], [0], []
         for seq, n in zip(batch.seqs, batch.num_new):
             start, table = seq.num_computed, seq.block_table
-            tokens += seq.tokens[start:start + n]
+            tokens += seq.token_range(start, start + n)
             for p in range(start, start + n):
                 positions.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
@@ -103,26 +105,25 @@ class Runner:
         positions += [0] * (rows - s)
         slots += [scratch * bs] * (rows - s)
         seq_lens += [0] * (rows - s)
-        query_start += list(range(query_start[-1] + 1, query_start[-1] + 1 + rows - s))
-        table_rows = [t + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * (rows - s)
+        block_tables = np.full((rows, width), scratch, dtype=np.int32)  # (rows, width); numpy fills rows fast
+        for i, t in enumerate(tables):
+            block_tables[i, :len(t)] = t
         host = {
             "tokens": torch.tensor(tokens, dtype=torch.long), "positions": torch.tensor(positions),
-            "slots": torch.tensor(slots), "block_tables": torch.tensor(table_rows, dtype=torch.int32),
+            "slots": torch.tensor(slots), "block_tables": torch.from_numpy(block_tables),
             "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
-            "query_start": torch.tensor(query_start, dtype=torch.int32),
-            "last": torch.tensor(query_start[1:], dtype=torch.long) - 1,
         }
-        if graph is not None:
+        if graph is not None:  # query_start and last of a decode bucket are fixed aranges, captured as such
             g, static, logits = self.graphs[graph]
             for name, t in host.items():
                 static[name].copy_(t, non_blocking=True)
             g.replay()
             logits = logits[:s]
         else:
+            host["query_start"] = torch.tensor(query_start, dtype=torch.int32)
+            host["last"] = host["query_start"][1:].long() - 1
             dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
-            meta = BatchMeta(dev["positions"], dev["slots"], dev["block_tables"], dev["seq_lens"],
-                             dev["query_start"], dev["last"], max(batch.num_new))
-            logits = self.model.forward_paged(dev["tokens"], meta, self.cache)
+            logits = self.model.forward_paged(dev["tokens"], batch_meta(dev, max(batch.num_new)), self.cache)
         want = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)) if seq.num_computed + n == seq.num_tokens]
         out: list[int | None] = [None] * s
         if want:
@@ -143,12 +144,8 @@ class Runner:
             p = [seqs[i].params for i in hot]
             temp = torch.tensor([x.temperature for x in p], device=logits.device)[:, None]
             probs = torch.softmax(logits[hot] / temp, dim=-1)  # (H, V)
-            top_p = torch.tensor([x.top_p for x in p], device=logits.device)[:, None]
-            if (top_p < 1).any():
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
-                sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0)
-                probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+            if any(x.top_p < 1 for x in p):  # decided on the host: no device sync
+                probs = nucleus(probs, torch.tensor([x.top_p for x in p], device=logits.device)[:, None])
             shared = [j for j, x in enumerate(p) if x.seed is None]
             if shared:
                 out[[hot[j] for j in shared]] = torch.multinomial(probs[shared], 1, generator=self.generator)[:, 0]
@@ -168,28 +165,32 @@ class Runner:
                 return b
         return None
 
+    def decode_buffers(self, b: int) -> dict:
+        """The static inputs of a decode graph of b rows, all padding until execute() fills them."""
+        dev, scratch, bs = self.device, self.cache.scratch_block, self.config.block_size
+        return {
+            "tokens": torch.zeros(b, dtype=torch.long, device=dev),
+            "positions": torch.zeros(b, dtype=torch.long, device=dev),
+            "slots": torch.full((b,), scratch * bs, dtype=torch.long, device=dev),
+            "block_tables": torch.full((b, self.max_blocks), scratch, dtype=torch.int32, device=dev),
+            "seq_lens": torch.zeros(b, dtype=torch.int32, device=dev),
+            "query_start": torch.arange(b + 1, dtype=torch.int32, device=dev),
+            "last": torch.arange(b, device=dev),
+        }
+
     @torch.inference_mode()
     def _capture_graphs(self):
         """Capture a decode step for each bucket up to max_num_seqs, largest first, sharing one memory pool."""
         t0 = time.perf_counter()
-        dev, scratch, bs = self.device, self.cache.scratch_block, self.config.block_size
+        dev = self.device
         sizes = [b for b in GRAPH_BUCKETS if b <= self.config.max_num_seqs]
         if not sizes or sizes[-1] < self.config.max_num_seqs:
             sizes.append(self.config.max_num_seqs)
         pool = torch.cuda.graph_pool_handle()
         captured = {}
         for b in reversed(sizes):
-            static = {
-                "tokens": torch.zeros(b, dtype=torch.long, device=dev),
-                "positions": torch.zeros(b, dtype=torch.long, device=dev),
-                "slots": torch.full((b,), scratch * bs, dtype=torch.long, device=dev),
-                "block_tables": torch.full((b, self.max_blocks), scratch, dtype=torch.int32, device=dev),
-                "seq_lens": torch.zeros(b, dtype=torch.int32, device=dev),
-                "query_start": torch.arange(b + 1, dtype=torch.int32, device=dev),
-                "last": torch.arange(b, device=dev),
-            }
-            meta = BatchMeta(static["positions"], static["slots"], static["block_tables"], static["seq_lens"],
-                             static["query_start"], static["last"], 1)
+            static = self.decode_buffers(b)
+            meta = batch_meta(static, 1)
             result = []
             graph = capture(lambda: result.append(self.model.forward_paged(static["tokens"], meta, self.cache)),
                             dev, pool)
@@ -197,3 +198,9 @@ class Runner:
         self.graphs = dict(sorted(captured.items()))
         torch.cuda.synchronize(dev)
         self.capture_seconds = time.perf_counter() - t0
+
+
+def batch_meta(t: dict, max_query_len: int) -> BatchMeta:
+    """The step's BatchMeta from its tensors by name (as the runner's host, device and graph buffers hold them)."""
+    return BatchMeta(t["positions"], t["slots"], t["block_tables"], t["seq_lens"], t["query_start"], t["last"],
+                     max_query_len)

@@ -42,6 +42,13 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def token_range(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list (the runner asks every step)."""
+        p = len(self.prompt)
+        if start >= p:
+            return self.output[start - p:end - p]
+        return self.prompt[start:end] + self.output[:max(0, end - p)]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)

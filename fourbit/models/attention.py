@@ -91,8 +91,7 @@ class PagedKVCache:
 
     @classmethod
     def bytes_per_block(cls, config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.n_layers * config.n_kv_heads * block_size * cls.stored_head_dim(config) * itemsize
+        return 2 * config.n_layers * config.n_kv_heads * block_size * cls.stored_head_dim(config) * dtype.itemsize
 
 
 @dataclass
@@ -113,6 +112,9 @@ class PagedContext:
     cache: PagedKVCache
     sliding_window: int | None
 
+    def __post_init__(self):  # where the new keys and values go: once per step, not once per layer
+        self.block, self.offset = self.meta.slots // self.cache.block_size, self.meta.slots % self.cache.block_size
+
     def attend(self, layer: int, q, k, v):
         """q (1, T, Hq, D), k and v (1, T, Hkv, D) -> (1, T, Hq, D): store k, v, then attend over the blocks."""
         m, c = self.meta, self.cache
@@ -120,9 +122,8 @@ class PagedContext:
         pad = c.k[layer].shape[-1] - d
         if pad:  # a head dim the kernel lacks: zero columns up to the stored one (see stored_head_dim)
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-        block, offset = m.slots // c.block_size, m.slots % c.block_size
-        c.k[layer][block, :, offset] = k[0].to(c.dtype)  # (T, Hkv, D) into (blocks, Hkv, bs, D)
-        c.v[layer][block, :, offset] = v[0].to(c.dtype)
+        c.k[layer][self.block, :, self.offset] = k[0].to(c.dtype)  # (T, Hkv, D) into (blocks, Hkv, bs, D)
+        c.v[layer][self.block, :, self.offset] = v[0].to(c.dtype)
         out = ops.paged_attention(q[0], c.k[layer], c.v[layer], m.block_tables, m.seq_lens, m.query_start,
                                   m.max_query_len, d ** -0.5, self.sliding_window)
         return out[None, ..., :d]

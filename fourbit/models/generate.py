@@ -16,12 +16,16 @@ def sample(logits, params: SamplingParams, generator: torch.Generator | None = N
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
-        drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = nucleus(probs, params.top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def nucleus(probs, top_p):
+    """probs (B, V) with each row cut to its top-p nucleus: the smallest prefix of the sorted probabilities whose
+    mass reaches top_p (a float, or a (B, 1) tensor of per-row values); the most likely token always stays."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
 
 @torch.inference_mode()
