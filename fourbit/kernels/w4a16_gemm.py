@@ -16,8 +16,11 @@ instead of wasting 15/16 of m = 16:
   after the mma (one FMA per accumulator per group, instead of a multiply per weight); per-channel scales apply
   once at the end. Without POST_SCALE (large M, where a second accumulator costs registers) the HSUB2 is followed by
   an HMUL2 with the scale.
-- X (the B operand, BLOCK_M columns) is read from global memory straight into B fragments for small BLOCK_M
-  and staged through shared memory for large BLOCK_M (activations only: weights never touch shared memory).
+- X (the B operand, BLOCK_M columns) is read from global memory straight into B fragments at M = 1 and staged
+  through shared memory otherwise (activations only: weights never touch shared memory).
+- With group size 128 (one group per tile) the next tile's zero points and scales are loaded with its weights:
+  otherwise every tile starts by waiting for them (ptxas issues the "prefetched" loads late in the loop body,
+  so little latency is left to hide them).
 - Split-K over programs when the (N, M) grid alone would leave SMs idle: the splits add into a persistent
   fp32 workspace and the last split of each output tile (a counter) writes Y and re-zeroes the workspace, so a
   call is one launch. The order of the adds varies, so split results can differ in the last bit run to run.
@@ -168,6 +171,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
     BN: gl.constexpr = 16 * RB
     PER_CHANNEL: gl.constexpr = GS == -1
     SLICES_PER_GROUP: gl.constexpr = 8 if PER_CHANNEL else GS // 16  # (per-channel: reset never used)
+    TILE_GROUP: gl.constexpr = GS == 128  # one group per 128-wide tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -199,9 +203,17 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
                                            gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
 
     acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=mma)
-    zz, s2 = _group_params(s_ptr, z_ptr, 0, rows, rows_ok, N, SYM, BF16, not POST_SCALE)
+    # group 0 for per-channel; the first tile's group when a group is a tile (prefetched from then on)
+    zz, s2 = _group_params(s_ptr, z_ptr, kt0 if TILE_GROUP else 0, rows, rows_ok, N, SYM, BF16, not POST_SCALE)
+    if TILE_GROUP and POST_SCALE:
+        sc = gl.load(s_ptr + kt0 * N + acc_rows, mask=acc_rows_ok, other=0).to(gl.float32)
     for kt in range(kt0, kt1):
         n0, n1 = _load_tile(qw_ptr, w_off + (kt + 1) * 256, w_ok & (kt + 1 < kt1), RB)  # next tile in flight
+        if TILE_GROUP:  # and its group's parameters, so that no tile starts by waiting for them
+            nzz, ns2 = _group_params(s_ptr, z_ptr, kt + 1, rows, rows_ok & (kt + 1 < kt1), N, SYM, BF16,
+                                     not POST_SCALE)
+            if POST_SCALE:
+                nsc = gl.load(s_ptr + (kt + 1) * N + acc_rows, mask=acc_rows_ok & (kt + 1 < kt1), other=0)
         if X_SMEM:
             gl.thread_barrier()  # every warp is done with the previous tile's X
             x_mask = (xm < M)[:, None] & ((kt * 128 + xk) < K)[None, :]
@@ -210,7 +222,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
         for h in gl.static_range(2):
             wh = w0 if h == 0 else w1
             for a in gl.static_range(4):
-                if not PER_CHANNEL:
+                if not PER_CHANNEL and not TILE_GROUP:
                     if (4 * h + a) % SLICES_PER_GROUP == 0:  # a new group starts at this slice
                         k0 = kt * 128 + 16 * (4 * h + a)
                         zz, s2 = _group_params(s_ptr, z_ptr, k0 // GS, rows, rows_ok & (k0 < K), N, SYM, BF16,
@@ -239,11 +251,18 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
                     else:
                         part = mma_v2(w, x, part)
                     if (4 * h + a) % SLICES_PER_GROUP == SLICES_PER_GROUP - 1:  # the group's sum, times its scale
-                        g = (kt * 128 + 16 * (4 * h + a)) // GS
-                        s = gl.load(s_ptr + g * N + acc_rows, mask=acc_rows_ok & (g * GS < K), other=0)
-                        s = s.to(gl.float32)
+                        if TILE_GROUP:
+                            s = sc
+                        else:
+                            g = (kt * 128 + 16 * (4 * h + a)) // GS
+                            s = gl.load(s_ptr + g * N + acc_rows, mask=acc_rows_ok & (g * GS < K), other=0)
+                            s = s.to(gl.float32)
                         acc += part * s[:, None]
         w0, w1 = n0, n1
+        if TILE_GROUP:
+            zz, s2 = nzz, ns2
+            if POST_SCALE:
+                sc = nsc.to(gl.float32)
 
     if PER_CHANNEL and POST_SCALE:
         acc *= gl.load(s_ptr + acc_rows, mask=acc_rows_ok, other=0).to(gl.float32)[:, None]
@@ -274,6 +293,7 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
     BN: gl.constexpr = 16 * RB
     PER_CHANNEL: gl.constexpr = GS == -1
     SLICES_PER_GROUP: gl.constexpr = 8 if PER_CHANNEL else GS // 16
+    TILE_GROUP: gl.constexpr = GS == 128  # one group per 128-wide tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -296,17 +316,19 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
     rows_ok = rows < N
 
     acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=mma)
-    zz, s2 = _group_params(s_ptr, z_ptr, 0, rows, rows_ok, N, SYM, BF16, True)
+    zz, s2 = _group_params(s_ptr, z_ptr, kt0 if TILE_GROUP else 0, rows, rows_ok, N, SYM, BF16, True)
     for kt in range(kt0, kt1):
         j = kt - kt0
         stage = j % STAGES
         n0, n1 = _load_tile(qw_ptr, w_off + (kt + 1) * 256, w_ok & (kt + 1 < kt1), RB)  # next weights in flight
+        if TILE_GROUP:  # with their group's parameters
+            nzz, ns2 = _group_params(s_ptr, z_ptr, kt + 1, rows, rows_ok & (kt + 1 < kt1), N, SYM, BF16, True)
         mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
         for h in gl.static_range(2):
             wh = w0 if h == 0 else w1
             xh = x_smem.index(2 * stage + h)
             for a in gl.static_range(4):
-                if not PER_CHANNEL:
+                if not PER_CHANNEL and not TILE_GROUP:
                     if (4 * h + a) % SLICES_PER_GROUP == 0:
                         k0 = kt * 128 + 16 * (4 * h + a)
                         zz, s2 = _group_params(s_ptr, z_ptr, k0 // GS, rows, rows_ok & (k0 < K), N, SYM, BF16,
@@ -322,6 +344,8 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
                     ahead = kt + STAGES - 1
                     _issue_x(x_desc, x_smem, bars, (j + STAGES - 1) % STAGES, m0, ahead, ahead < kt1)
         w0, w1 = n0, n1
+        if TILE_GROUP:
+            zz, s2 = nzz, ns2
     acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
@@ -383,8 +407,8 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True):
     # Picked from sweeps on an H100 (benchmarks/tune_w4a16.py, benchmarks/NOTES-w4a16.md). Small rings and one
     # warpgroup leave room for several CTAs per SM, which is what hides latency here (no warp specialization).
     kind, r, post, smem, stages = "wgmma", 1, False, True, 2
-    if m <= 8:
-        kind, block_m, warps, post, smem, stages, per_sm = "mma", 8, 4, True, False, 0, 8
+    if m <= 8:  # X through shared memory unless M = 1 (one 128-bit load per lane instead of 16 per tile)
+        kind, block_m, warps, post, smem, stages, per_sm = "mma", 8, 4, True, m > 1, 0, 8
     elif not hopper:
         kind, block_m, warps, stages, per_sm = "mma", min(64, triton.next_power_of_2(m)), 8, 0, 4
     elif m <= 32:
