@@ -333,6 +333,7 @@ def cmd_serve(args):
     else:
         tok = _tokenizer(args, model)
     llm = LLM(model, tok, config, seed=args.seed)
+    llm.warmup()
     serve(AsyncLLM(llm, args.served_model_name or args.model), args.host, args.port)
 
 

@@ -179,15 +179,16 @@ def test_decode_bucket_path_on_cpu(model, tokenizer):
     runner = llm.runner
 
     class Replay:  # what a captured graph does on replay(): the same call on the same buffers, into the same output
-        def __init__(self, static, out):
-            self.static, self.out = static, out
+        def __init__(self, static, out, greedy):
+            self.static, self.out, self.greedy = static, out, greedy
 
         def replay(self):
             self.out.copy_(model.forward_paged(self.static["tokens"], batch_meta(self.static, 1), runner.cache))
+            self.greedy.copy_(self.out.argmax(-1))
 
     for b in (4, 8):  # 3 or 5 sequences land in a bigger bucket: padding rows are exercised
-        static = runner.decode_buffers(b)
-        runner.graphs[b] = (Replay(static, logits := torch.empty(b, model.config.vocab_size)), static, logits)
+        static, logits, greedy = runner.decode_buffers(b), torch.empty(b, model.config.vocab_size), torch.empty(b).long()
+        runner.install_graph(b, Replay(static, logits, greedy), static, logits, greedy)
     prompts = _prompts(tokenizer, n=5, seed=3)
     params = SamplingParams(max_new_tokens=30, temperature=0)
     replays = []

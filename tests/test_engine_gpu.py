@@ -2,10 +2,13 @@
 through the engine (paged attention kernel, CUDA-graph decode buckets, continuous batching) equals the
 static-cache generate token for token.
 
-One request at a time, every GEMM sees the same rows as in the static generate, so the tokens must be equal.
-Batched, each GEMM sees other requests' rows too; cuBLAS gives a row the same bits whatever M, but the W4A16
-kernel picks its tile shape and instruction (mma or wgmma) by M, and so sums in another order: a W4A16 sequence may
-then leave the static one only where its two best tokens are within rounding of each other (checked below).
+One request at a time, every GEMM sees the same rows as in the static generate and a prefill is bit-equal, but
+decode attention differs: the paged kernel (split-KV, its own summation order) against SDPA over the static cache.
+Batched, each GEMM also sees other requests' rows; cuBLAS gives a row the same bits whatever M, but the W4A16 kernel
+picks its tile shape and instruction (mma or wgmma) by M, and so sums in another order. So a sequence may leave
+the static one only where its two best tokens are within rounding of each other (checked below), and rarely: at
+most two of the seven sequences per run. (H100, 2026-11-22: fp16 equal everywhere; bf16 one-by-one, with or
+without CUDA graphs, leaves the static path at token 10 of one prompt, while its prefill logits are bit-equal.)
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import fourbit
 from fourbit.config import EngineConfig, SamplingParams, W4A16Config
 from fourbit.engine.llm import LLM
 from fourbit.models.generate import generate
+from fourbit.nn import fuse_projections_
 
 pytestmark = pytest.mark.requires_cuda
 TEXTS = ["Once upon a time", "Tom and Lily went to the park. They saw a big", "The cat", "One day, a little bird",
@@ -38,24 +42,20 @@ def test_engine_greedy_equals_static_generate_on_cuda(realdata, scheme):
     model = fourbit.load(realdata / "stories260K.bin", dtype, "cuda")
     if scheme == "w4a16":
         fourbit.quantize_(model, W4A16Config(group_size=32), progress=False)
+    fuse_projections_(model)  # as the engine does: the static generate then runs the same GEMMs
     tok = fourbit.Tokenizer(realdata / "tok512.model")
     prompts = [[1] + tok.encode(t) for t in TEXTS] + [[1]]
     params = SamplingParams(max_new_tokens=64, temperature=0)
     want = [generate(model, [p], params)[0] for p in prompts]
 
     # num_blocks: by default an engine takes most of the free GPU memory, and this test builds three
-    one_by_one = LLM(model, tok, EngineConfig(max_num_seqs=1, num_blocks=256))
-    assert [o.token_ids for o in one_by_one.generate(prompts, params, progress=False)] == want
-
-    for config in (EngineConfig(max_num_seqs=16, num_blocks=256),
-                   EngineConfig(max_num_batched_tokens=16, max_num_seqs=4, num_blocks=256, cuda_graphs=False)):
+    configs = (EngineConfig(max_num_seqs=1, num_blocks=256), EngineConfig(max_num_seqs=16, num_blocks=256),
+               EngineConfig(max_num_batched_tokens=16, max_num_seqs=4, num_blocks=256, cuda_graphs=False))
+    for config in configs:
         llm = LLM(model, tok, config)
         assert config.cuda_graphs == bool(llm.runner.graphs)
         got = [o.token_ids for o in llm.generate(prompts, params, progress=False)]
         differ = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
-        if scheme == "w4a16":
-            assert all(_near_tie(model, prompts[i], got[i], want[i]) for i in differ), differ
-            assert len(differ) <= 2, differ
-        else:
-            assert not differ
+        assert all(_near_tie(model, prompts[i], got[i], want[i]) for i in differ), differ
+        assert len(differ) <= 2, differ
         assert llm.blocks.num_free == llm.runner.num_blocks

@@ -152,3 +152,101 @@ def test_paged_attention_on_cuda(dtype, case):
         graph.replay()
         ref = paged_attention_ref(**args, sliding_window=window)
         assert float((out.double() - ref.double()).norm() / ref.double().norm()) < 1e-2
+
+
+# ---- fused layer kernels (kernels/fused.py) ------------------------------------------------------------------------
+# tests/test_fused.py runs its kernel-vs-twin checks on the GPU too (small odd shapes, fp16 and bf16); these add
+# Llama-2-7B shapes through the ops (the dispatch to Triton), CUDA-graph replay and a fused bf16 model.
+
+def _fused_cases(dtype, t, gen):
+    """(op name, the op's args, its torch twin) at 7B shapes plus odd ones: dim 4096, 32 q / 8 kv heads of 128,
+    hidden 11008 as the halves of a fused gate_up output, a 16-token-block KV cache."""
+    from fourbit.kernels import ref
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(shape, generator=gen)).to("cuda", dtype)
+
+    x, res, w = rnd(t, 4096), rnd(t, 4096, scale=5.0), rnd(4096) + 1
+    qkv = rnd(t, (32 + 16) * 128)
+    q, k, v = qkv[:, :4096].view(t, 32, 128), qkv[:, 4096:5120].view(t, 8, 128), qkv[:, 5120:].view(t, 8, 128)
+    angles = torch.rand(t, 64, generator=gen, device="cpu") * 4000
+    cos, sin = angles.cos().to("cuda", dtype), angles.sin().to("cuda", dtype)
+    gate, up = rnd(t, 2 * 11008, scale=3.0).chunk(2, dim=-1)
+    cache = torch.full((t // 16 + 3, 8, 16, 128), float("nan"), device="cuda", dtype=dtype)
+    slots = torch.randperm(cache.shape[0] * 16, generator=gen)[:t].cuda()
+    return [
+        ("rms_norm", (x, w, 1e-5), ref.rms_norm_ref),
+        ("add_rms_norm", (x, res, w, 1e-6), ref.add_rms_norm_ref),
+        ("rope", (q, k, cos, sin, False), ref.rope_ref),
+        ("rope", (q, k, cos, sin, True), ref.rope_ref),
+        ("silu_mul", (gate, up), ref.silu_mul_ref),
+        ("paged_kv_write", (k, v, cache, cache.clone(), slots), ref.paged_kv_write_ref),
+    ]
+
+
+def _same(out, want):
+    """One rounding apart (test_fused._close), output by output."""
+    from test_fused import _close
+
+    for o, e in zip(out if isinstance(out, tuple) else (out,), want if isinstance(want, tuple) else (want,)):
+        _close(o, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 7, 333])
+def test_fused_ops_on_cuda(dtype, t):
+    gen = torch.Generator().manual_seed(t)
+    for name, args, twin in _fused_cases(dtype, t, gen):
+        if name == "paged_kv_write":
+            k, v, kc, vc, slots = args
+            kc_ref, vc_ref = kc.clone(), vc.clone()
+            ops.paged_kv_write(k, v, kc, vc, slots)
+            twin(k, v, kc_ref, vc_ref, slots)
+            torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
+        else:
+            _same(getattr(ops, name)(*args), twin(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_ops_in_cuda_graph(dtype):
+    """Each op captured once, replayed on new inputs (new slots for the KV write): no host syncs, and the replay
+    computes from the device buffers."""
+    gen = torch.Generator().manual_seed(5)
+    for name, args, twin in _fused_cases(dtype, 7, gen):
+        op = getattr(ops, name)
+        outs = []
+        graph = capture(lambda: outs.append(op(*args)))
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                a.copy_(torch.randn(a.shape, generator=gen).to(a))
+        if name == "paged_kv_write":
+            k, v, kc, vc, slots = args
+            slots.copy_(torch.randperm(kc.shape[0] * 16, generator=gen)[:7])
+            kc.fill_(float("nan"))
+            vc.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            kc_ref, vc_ref = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+            twin(k, v, kc_ref, vc_ref, slots)
+            torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
+            continue
+        graph.replay()
+        torch.cuda.synchronize()
+        _same(outs[-1], twin(*args))
+
+
+def test_fused_projections_bf16_model_on_cuda(realdata):
+    """stories260K in bf16 with fused projections: logits as the unfused model's up to bf16 rounding (cuBLAS may sum
+    a wider GEMM in another order)."""
+    from fourbit.nn import fuse_projections_
+
+    model = fourbit.load(realdata / "stories260K.bin", dtype=torch.bfloat16, device="cuda")
+    tokens = torch.randint(0, 512, (3, 100), device="cuda")
+    with torch.inference_mode():
+        want = model(tokens)
+        fuse_projections_(model)
+        assert "qkv_proj" in model.layers[0].self_attn._modules
+        got = model(tokens)
+    assert float((got - want).norm() / want.norm()) < 2e-2

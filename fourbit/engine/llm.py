@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import queue
+import random
 import threading
 import time
 import warnings
@@ -26,6 +27,7 @@ from ..config import EngineConfig, SamplingParams
 from ..errors import FourbitError
 from ..models.llama import LlamaModel
 from ..models.tokenizer import Tokenizer
+from ..nn.fuse import fuse_projections_
 from .block_manager import BlockManager
 from .runner import Runner
 from .scheduler import Scheduler
@@ -44,7 +46,9 @@ class LLM:
     def __init__(self, model: LlamaModel | str | Path, tokenizer: Tokenizer | str | Path | None = None,
                  config: EngineConfig | None = None, seed: int = 0, device=None):
         """model: a LlamaModel on its device, or anything fourbit.load reads (a path, dummy:<preset>), loaded
-        in bf16 on CUDA (fp32 on a CPU). tokenizer: a Tokenizer or its file/folder (default: beside the path)."""
+        in bf16 on CUDA (fp32 on a CPU). A model passed in is changed in place for serving: its q/k/v and gate/up
+        projections are fused (nn/fuse.py), so quantize or export it before, not after.
+        tokenizer: a Tokenizer or its file/folder (default: beside the path)."""
         if not isinstance(model, LlamaModel):
             from ..api import load
 
@@ -55,7 +59,7 @@ class LLM:
                 folder = where.parent if where.is_file() else where
                 if any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
                     tokenizer = folder
-        self.model = model.eval()
+        self.model = fuse_projections_(model.eval())  # q/k/v and gate/up as one GEMM each (in place)
         self.tokenizer = Tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self.config = config = config or EngineConfig()
         self.max_model_len = min(config.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -95,6 +99,27 @@ class LLM:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    def warmup(self, progress: bool = True) -> float:
+        """Run one prefill of each size class of the token budget (2^i - 1, 2^i, 2^i + 1 tokens) so that the
+        kernels' compiles for them (Triton specializes on the config each M picks and on M's divisibility) happen
+        now instead of inside a user's request. A no-op on a CPU. Returns the seconds taken."""
+        if self.runner.device.type != "cuda":
+            return 0.0
+        t0 = time.perf_counter()
+        top = min(self.config.max_num_batched_tokens, self.max_model_len - 1)
+        sizes = sorted({n for p in range(1, top.bit_length() + 1) for n in (2**p - 1, 2**p, 2**p + 1) if n <= top})
+        rng = random.Random(0)
+        vocab = self.model.config.vocab_size
+        stats = dict(self.stats)
+        for n in tqdm(sizes, desc="warm-up (kernel compiles)", unit="size", disable=not progress):
+            # random ids: no prefix sharing with an earlier warm-up prompt, so the step computes all n tokens
+            self.add_request([rng.randrange(vocab) for _ in range(n)], SamplingParams(max_new_tokens=1,
+                                                                                      temperature=0.0))
+            while self.has_work():
+                self.step()
+        self.stats = stats
+        return time.perf_counter() - t0
 
     def step(self) -> list[Sequence]:
         """One engine step; returns the sequences that got a token or finished in it."""

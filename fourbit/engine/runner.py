@@ -33,7 +33,9 @@ class Runner:
         self.num_blocks = self.cache.num_blocks - 1  # the scheduler's; the last block is the scratch block
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._seeded: dict[int, torch.Generator] = {}  # seq_id -> generator of requests with their own seed
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        # bucket -> (graph, its static inputs, its logits, their argmax); page-locked staging for the inputs
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor, torch.Tensor]] = {}
+        self._pinned: dict[int, dict[str, torch.Tensor]] = {}
         self.capture_seconds = 0.0
         if config.cuda_graphs and self.device.type == "cuda":
             self._capture_graphs()
@@ -109,20 +111,24 @@ class Runner:
         for i, t in enumerate(tables):
             block_tables[i, :len(t)] = t
         host = {
-            "tokens": torch.tensor(tokens, dtype=torch.long), "positions": torch.tensor(positions),
-            "slots": torch.tensor(slots), "block_tables": torch.from_numpy(block_tables),
-            "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
+            "tokens": np.asarray(tokens, dtype=np.int64), "positions": np.asarray(positions, dtype=np.int64),
+            "slots": np.asarray(slots, dtype=np.int64), "block_tables": block_tables,
+            "seq_lens": np.asarray(seq_lens, dtype=np.int32),
         }
         if graph is not None:  # query_start and last of a decode bucket are fixed aranges, captured as such
-            g, static, logits = self.graphs[graph]
-            for name, t in host.items():
-                static[name].copy_(t, non_blocking=True)
+            g, static, logits, greedy = self.graphs[graph]
+            pinned = self._pinned[graph]
+            for name, a in host.items():  # through page-locked staging: the copies do not block the host
+                pinned[name].numpy()[...] = a
+                static[name].copy_(pinned[name], non_blocking=True)
             g.replay()
+            if all(seq.params.temperature == 0 for seq in batch.seqs):  # the argmax ran inside the graph
+                return greedy[:s].tolist()
             logits = logits[:s]
         else:
-            host["query_start"] = torch.tensor(query_start, dtype=torch.int32)
-            host["last"] = host["query_start"][1:].long() - 1
-            dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            host["query_start"] = np.asarray(query_start, dtype=np.int32)
+            host["last"] = host["query_start"][1:].astype(np.int64) - 1
+            dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
             logits = self.model.forward_paged(dev["tokens"], batch_meta(dev, max(batch.num_new)), self.cache)
         want = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)) if seq.num_computed + n == seq.num_tokens]
         out: list[int | None] = [None] * s
@@ -187,17 +193,26 @@ class Runner:
         if not sizes or sizes[-1] < self.config.max_num_seqs:
             sizes.append(self.config.max_num_seqs)
         pool = torch.cuda.graph_pool_handle()
-        captured = {}
         for b in reversed(sizes):
             static = self.decode_buffers(b)
             meta = batch_meta(static, 1)
             result = []
-            graph = capture(lambda: result.append(self.model.forward_paged(static["tokens"], meta, self.cache)),
-                            dev, pool)
-            captured[b] = (graph, static, result[-1])
-        self.graphs = dict(sorted(captured.items()))
+
+            def step():
+                logits = self.model.forward_paged(static["tokens"], meta, self.cache)
+                result.append((logits, logits.argmax(-1)))
+
+            self.install_graph(b, capture(step, dev, pool), static, *result[-1])
         torch.cuda.synchronize(dev)
         self.capture_seconds = time.perf_counter() - t0
+
+    def install_graph(self, b: int, graph, static: dict, logits, greedy):
+        """Make `graph` (anything with replay()) bucket b's decode step: it reads `static` (decode_buffers(b))
+        and writes `logits` and their argmax `greedy`. Its inputs are staged in page-locked host memory."""
+        pin = self.device.type == "cuda"
+        self._pinned[b] = {name: torch.empty_like(static[name], device="cpu", pin_memory=pin)
+                           for name in ("tokens", "positions", "slots", "block_tables", "seq_lens")}
+        self.graphs = dict(sorted({**self.graphs, b: (graph, static, logits, greedy)}.items()))
 
 
 def batch_meta(t: dict, max_query_len: int) -> BatchMeta:

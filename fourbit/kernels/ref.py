@@ -64,3 +64,54 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
     if out is None:
         return res.to(q.dtype)
     return out.copy_(res)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit activations, float64 for float64 ones: the dtype the fused ops compute in."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def rms_norm_ref(x, weight, eps: float) -> torch.Tensor:
+    """x · rsqrt(mean(x²) + eps) · weight in float32 (float64 for float64 x), rounded once to x's dtype."""
+    xf = x.to(_acc_dtype(x))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.to(xf.dtype)).to(x.dtype)
+
+
+def add_rms_norm_ref(x, residual, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(s), s) with s = x + residual rounded to x's dtype (a torch add), normalised from that rounding."""
+    s = (x + residual).to(x.dtype)
+    return rms_norm_ref(s, weight, eps), s
+
+
+def rope_ref(q, k, cos, sin, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (T, Hq, D), k (T, Hkv, D); cos, sin (T, D/2). Rotates the pairs (x[2i], x[2i+1]) if interleaved, else
+    (x[i], x[i+D/2]), in float32 (float64 for float64 inputs), each output rounded once to its input's dtype."""
+    def rotate(x):
+        xf = x.to(_acc_dtype(x))
+        c, s = cos.to(xf.dtype)[:, None, :], sin.to(xf.dtype)[:, None, :]  # (T, 1, D/2)
+        if interleaved:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).to(x.dtype)
+        x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_mul_ref(gate, up) -> torch.Tensor:
+    """silu(gate) · up in float32 (float64 for float64 inputs), rounded once to gate's dtype.
+
+    gate is made contiguous first: torch's CPU silu rounds differently in its vectorized loop and its tail, so its
+    result would otherwise depend on the layout (a fused gate_up output's strided half vs a separate output)."""
+    acc = _acc_dtype(gate)
+    return (torch.nn.functional.silu(gate.contiguous().to(acc)) * up.to(acc)).to(gate.dtype)
+
+
+def paged_kv_write_ref(k, v, k_cache, v_cache, slots) -> None:
+    """Store k, v (T, Hkv, D) at slots (T,) of the caches (num_blocks, Hkv, block_size, Dstored >= D): slot =
+    block · block_size + offset; cast to the cache dtype, columns D.. written as zeros."""
+    bs, pad = k_cache.shape[2], k_cache.shape[3] - k.shape[-1]
+    block, offset = slots // bs, slots % bs
+    k_cache[block, :, offset] = torch.nn.functional.pad(k, (0, pad)).to(k_cache.dtype)  # (T, Hkv, Dstored)
+    v_cache[block, :, offset] = torch.nn.functional.pad(v, (0, pad)).to(v_cache.dtype)

@@ -112,18 +112,14 @@ class PagedContext:
     cache: PagedKVCache
     sliding_window: int | None
 
-    def __post_init__(self):  # where the new keys and values go: once per step, not once per layer
-        self.block, self.offset = self.meta.slots // self.cache.block_size, self.meta.slots % self.cache.block_size
-
     def attend(self, layer: int, q, k, v):
         """q (1, T, Hq, D), k and v (1, T, Hkv, D) -> (1, T, Hq, D): store k, v, then attend over the blocks."""
         m, c = self.meta, self.cache
+        ops.paged_kv_write(k[0], v[0], c.k[layer], c.v[layer], m.slots)  # zero-pads to the stored head dim
         d = q.shape[-1]
         pad = c.k[layer].shape[-1] - d
         if pad:  # a head dim the kernel lacks: zero columns up to the stored one (see stored_head_dim)
-            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-        c.k[layer][self.block, :, self.offset] = k[0].to(c.dtype)  # (T, Hkv, D) into (blocks, Hkv, bs, D)
-        c.v[layer][self.block, :, self.offset] = v[0].to(c.dtype)
+            q = F.pad(q, (0, pad))
         out = ops.paged_attention(q[0], c.k[layer], c.v[layer], m.block_tables, m.seq_lens, m.query_start,
                                   m.max_query_len, d ** -0.5, self.sliding_window)
         return out[None, ..., :d]

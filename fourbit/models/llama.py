@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import ModelConfig
 from ..errors import FourbitError
 from .attention import BatchMeta, DenseContext, KVCache, PagedContext, PagedKVCache
@@ -32,11 +33,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        # Normalise in float32 (or wider) whatever the activation dtype, as the reference implementations do.
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+    def forward(self, x, residual=None):
+        """Normalises x in float32 (float64 for float64 x) whatever the activation dtype, as the reference
+        implementations do. With a residual: (norm(x + residual), x + residual), the add fused into the norm."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -61,17 +63,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     raise FourbitError(f"rope_scaling type {kind!r} is not supported (supported: llama3, linear)")
 
 
-def apply_rope(x, cos, sin, interleaved: bool):
-    """x (B, T, H, D); cos, sin (B, T, D/2). Rotates pairs (x[2i], x[2i+1]) if interleaved, else (x[i], x[i+D/2])."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
 class Attention(nn.Module):
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # what nn.fuse_projections_ may fuse (outputs in order)
+
     def __init__(self, config: ModelConfig, make_linear: LinearFactory):
         super().__init__()
         c = config
@@ -82,15 +76,23 @@ class Attention(nn.Module):
         self.o_proj = make_linear(c.n_heads * c.head_dim, c.dim, False)
 
     def forward(self, x, cos, sin, interleaved: bool, ctx, layer: int):
-        """x (B, T, dim); ctx holds the keys and values (models/attention.py: DenseContext or PagedContext)."""
+        """x (B, T, dim); cos, sin (B, T, D/2) rotate pairs (x[2i], x[2i+1]) if interleaved, else (x[i], x[i+D/2]);
+        ctx holds the keys and values (models/attention.py: DenseContext or PagedContext)."""
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, interleaved)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin, interleaved)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        return self.o_proj(ctx.attend(layer, q, k, v).reshape(B, T, -1))  # attend: (B, T, H, D)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if "qkv_proj" in self._modules:  # fused (nn/fuse.py): one GEMM, q, k, v are views of its output
+            q, k, v = self.qkv_proj(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = ops.rope(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), cos.reshape(B * T, -1),
+                        sin.reshape(B * T, -1), interleaved)  # (B·T, H, D)
+        out = ctx.attend(layer, q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D))  # (B, T, H, D)
+        return self.o_proj(out.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
+    FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}
+
     def __init__(self, config: ModelConfig, make_linear: LinearFactory):
         super().__init__()
         self.gate_proj = make_linear(config.dim, config.hidden_dim, False)
@@ -98,7 +100,11 @@ class MLP(nn.Module):
         self.down_proj = make_linear(config.hidden_dim, config.dim, False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up_proj" in self._modules:  # fused (nn/fuse.py): gate and up are the halves of one output
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(ops.silu_mul(gate, up))
 
 
 class Block(nn.Module):
@@ -110,8 +116,9 @@ class Block(nn.Module):
         self.mlp = MLP(config, make_linear)
 
     def forward(self, x, cos, sin, interleaved, ctx, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, interleaved, ctx, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, interleaved, ctx, layer)
+        h, x = self.post_attention_layernorm(a, residual=x)  # x + a and its norm in one pass
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,208 @@
+"""Fused elementwise kernels of a decoder layer (Triton): each replaces several small torch kernels, which is what
+a batch-1 decode step spends half its time on (launches, not bytes).
+
+Math (fp32 inside, one rounding to the output dtype at the end; torch twins in kernels/ref.py):
+    rms_norm        y = x · rsqrt(mean(x²) + eps) · w                           x (M, N) -> y (M, N)
+    add_rms_norm    s = round(x + r), y = rms_norm(s)                             -> (y, s): residual add + norm
+    rope            (a, b) -> (a·cos − b·sin, a·sin + b·cos) on the pairs (2i, 2i+1) (interleaved, Meta) or
+                    (i, i + D/2) (rotate-half, HF), q (T, Hq, D) and k (T, Hkv, D) in one launch; cos, sin (T, D/2)
+    silu_mul        y = g / (1 + exp(−g)) · u                                   g, u (M, H) -> y (M, H)
+    paged_kv_write  cache[slot // bs, h, slot % bs] = (k[t, h], zeros up to the cache's head dim), k and v alike
+
+Inputs may be strided (views of a fused qkv / gate_up output) as long as the last dim is contiguous; outputs are
+new contiguous tensors. Launch grids depend only on shapes, and nothing reads the device: CUDA-graph safe.
+One program per row (token); the row's columns in one power-of-two tile, the tail masked, except silu_mul, whose
+rows (an MLP's hidden size) are tiled by SILU_BLOCK.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import FourbitError
+
+SILU_BLOCK = 1024
+
+
+def _warps(elements: int) -> int:
+    """4 warps up to 2K elements per program, up to 16 for the largest rows."""
+    return min(16, max(4, elements // 512))
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, n, eps, stride_x, stride_r, stride_y, stride_s,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:  # the sum rounded to the activation dtype, as a torch add, then normalised from that
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * stride_s + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (xf * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate(x_ptr, o_ptr, heads, half, stride_h, stride_oh, cos, sin,
+            INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate the pairs of `heads` heads of one token; cos, sin (1, BLOCK_D) fp32."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    i = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < heads) & (i < half)
+    if INTERLEAVED:
+        c1 = 2 * i
+        c2 = 2 * i + 1
+    else:
+        c1 = i
+        c2 = i + half
+    a = tl.load(x_ptr + h * stride_h + c1, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + h * stride_h + c2, mask=mask, other=0.0).to(tl.float32)
+    ty = o_ptr.dtype.element_ty
+    tl.store(o_ptr + h * stride_oh + c1, (a * cos - b * sin).to(ty), mask=mask)
+    tl.store(o_ptr + h * stride_oh + c2, (a * sin + b * cos).to(ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, hq, hkv, half,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
+                 stride_qot, stride_qoh, stride_kot, stride_koh,
+                 INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK_D)[None, :]
+    cos = tl.load(cos_ptr + t * stride_ct + i, mask=i < half, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + t * stride_st + i, mask=i < half, other=0.0).to(tl.float32)
+    _rotate(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, hq, half, stride_qh, stride_qoh, cos, sin,
+            INTERLEAVED, BLOCK_H, BLOCK_D)
+    _rotate(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, hkv, half, stride_kh, stride_koh, cos, sin,
+            INTERLEAVED, BLOCK_H, BLOCK_D)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u  # torch's silu formula
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _paged_kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, hkv, d, d_stored, block_size,
+                           stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct,
+                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_ct
+    h = tl.arange(0, BLOCK_H)[:, None]
+    c = tl.arange(0, BLOCK_D)[None, :]
+    stored = (h < hkv) & (c < d_stored)
+    given = stored & (c < d)  # columns d .. d_stored - 1 are the cache's zero padding
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + c, mask=given, other=0.0)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + c, mask=given, other=0.0)
+    tl.store(kc_ptr + dst + h * stride_ch + c, k.to(kc_ptr.dtype.element_ty), mask=stored)
+    tl.store(vc_ptr + dst + h * stride_ch + c, v.to(vc_ptr.dtype.element_ty), mask=stored)
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dim is contiguous (any other strides are passed to the kernel), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., N) as (M, N), a view where the leading dims allow it."""
+    return _last_contiguous(x).reshape(-1, x.shape[-1])
+
+
+def _norm(x, residual, weight, eps: float):
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise FourbitError(f"rms_norm weight has shape {tuple(weight.shape)}; x's hidden size is {n}")
+    x2 = _rows(x)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    s = torch.empty_like(y) if residual is not None else y
+    r2 = _rows(residual) if residual is not None else x2
+    if x2.shape[0]:
+        block = triton.next_power_of_2(n)
+        y2, s2 = y.view(-1, n), s.view(-1, n)
+        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y2, s2, n, eps, x2.stride(0), r2.stride(0), y2.stride(0),
+                                         s2.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                         num_warps=_warps(block))
+    return y, s
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., N) fp16/bf16 -> x · rsqrt(mean(x²) + eps) · weight in x's dtype."""
+    return _norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """-> (rms_norm(s), s) with s = x + residual rounded to x's dtype: a residual add and the next norm."""
+    if residual.shape != x.shape:
+        raise FourbitError(f"add_rms_norm wants x and residual of one shape; got {tuple(x.shape)}, "
+                           f"{tuple(residual.shape)}")
+    return _norm(x, residual, weight, eps)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
+    """q (T, Hq, D), k (T, Hkv, D); cos, sin (T, D/2) -> rotated (q, k), new contiguous tensors in their dtypes."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
+        raise FourbitError(f"rope wants q (T, Hq, D), k (T, Hkv, D) with one even D; got {tuple(q.shape)}, "
+                           f"{tuple(k.shape)}")
+    t, hq, d = q.shape
+    half = d // 2
+    if cos.shape != (t, half) or sin.shape != (t, half):
+        raise FourbitError(f"rope wants cos and sin of shape ({t}, {half}); got {tuple(cos.shape)}, "
+                           f"{tuple(sin.shape)}")
+    q, k, cos, sin = (_last_contiguous(x) for x in (q, k, cos, sin))
+    hkv = k.shape[1]
+    qo, ko = torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    if t:
+        block_h, block_d = triton.next_power_of_2(max(hq, hkv)), triton.next_power_of_2(half)
+        _rope_kernel[(t,)](q, k, cos, sin, qo, ko, hq, hkv, half, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                           cos.stride(0), sin.stride(0), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
+                           INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d,
+                           num_warps=_warps(block_h * block_d))
+    return qo, ko
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (..., H), e.g. the two halves of a fused gate_up output (strided rows) -> silu(gate) · up."""
+    if gate.shape != up.shape:
+        raise FourbitError(f"silu_mul wants gate and up of one shape; got {tuple(gate.shape)}, {tuple(up.shape)}")
+    g2, u2 = _rows(gate), _rows(up)
+    m, n = g2.shape
+    y = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+    if m and n:
+        y2 = y.view(m, n)
+        _silu_mul_kernel[(m, triton.cdiv(n, SILU_BLOCK))](g2, u2, y2, n, g2.stride(0), u2.stride(0), y2.stride(0),
+                                                          BLOCK=SILU_BLOCK, num_warps=4)
+    return y
+
+
+def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slots: torch.Tensor) -> None:
+    """Store k, v (T, Hkv, D) at `slots` (T,) of the caches (num_blocks, Hkv, block_size, Dstored >= D), cast to
+    the cache dtype, columns D.. zero; slot = block · block_size + offset (models/attention.PagedKVCache)."""
+    t, hkv, d = k.shape
+    if (v.shape != k.shape or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[1] != hkv
+            or k_cache.shape[3] < d or slots.shape != (t,)):
+        raise FourbitError(f"paged_kv_write wants k, v (T, Hkv, D), caches (num_blocks, Hkv, block_size, >= D) and "
+                           f"slots (T,); got k {tuple(k.shape)}, v {tuple(v.shape)}, caches {tuple(k_cache.shape)}, "
+                           f"{tuple(v_cache.shape)}, slots {tuple(slots.shape)}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise FourbitError("paged_kv_write wants k_cache and v_cache with the same strides, last dim contiguous")
+    k, v = _last_contiguous(k), _last_contiguous(v)
+    if t:
+        d_stored = k_cache.shape[3]
+        block_h, block_d = triton.next_power_of_2(hkv), triton.next_power_of_2(d_stored)
+        _paged_kv_write_kernel[(t,)](k, v, k_cache, v_cache, slots, hkv, d, d_stored, k_cache.shape[2],
+                                     k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
+                                     k_cache.stride(1), k_cache.stride(2), BLOCK_H=block_h, BLOCK_D=block_d,
+                                     num_warps=_warps(block_h * block_d))

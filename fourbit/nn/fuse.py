@@ -1,0 +1,88 @@
+"""Fused projections, for inference only: a Llama block's q/k/v become one `self_attn.qkv_proj` and gate/up one
+`mlp.gate_up_proj`: two GEMMs (launches, input reads) where there were five, per layer.
+
+The fused layer's weight is its parts' rows stacked, so its output is theirs side by side, and the model splits it
+with views (models/llama.py). The quantizers, checkpoints and the exporter (fourbit/interop) know only the separate
+names: fuse after loading and quantizing, as the serving engine does, never before saving or quantizing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats.quick import N_TILE
+from .linear import W4A16Linear
+
+
+@torch.inference_mode(False)  # new weights are normal tensors even when fused under inference_mode: usable anywhere
+def fuse_projections_(model: nn.Module) -> nn.Module:
+    """In place: in every module that declares fusable projections (a class attribute FUSED = {fused name: part
+    names}, as models/llama.Attention and MLP do), replace the parts by one layer of their rows stacked. Parts that
+    cannot be stacked exactly (types, dtypes, devices, group sizes or bias presence differ; a permuted input; a
+    W4A16 part other than the last whose rows do not fill its 16-row tiles; any other layer type) stay separate.
+    The separate layers are dropped (no doubled memory); fusing again changes nothing. Returns the model."""
+    for module in list(model.modules()):
+        for fused_name, names in getattr(type(module), "FUSED", {}).items():
+            parts = [module._modules.get(n) for n in names]
+            fused = _stack(parts) if all(p is not None for p in parts) else None
+            if fused is not None:
+                for n in names:
+                    delattr(module, n)
+                module.add_module(fused_name, fused)
+    return model
+
+
+def _stack(parts: list[nn.Module]) -> nn.Module | None:
+    """One layer computing all parts' outputs side by side, or None where that would not be exact."""
+    kind = type(parts[0])
+    if any(type(p) is not kind for p in parts):
+        return None
+    if kind is nn.Linear:
+        return _stack_linear(parts)
+    if kind is W4A16Linear:
+        return _stack_w4a16(parts)
+    return None  # another (e.g. quantized) Linear: left as it is
+
+
+def _alike(parts, tensor) -> bool:
+    """tensor(p) has one dtype and device across the parts (None for all or none of them)."""
+    ts = [tensor(p) for p in parts]
+    if any(t is None for t in ts):
+        return all(t is None for t in ts)
+    return all(t.dtype == ts[0].dtype and t.device == ts[0].device for t in ts)
+
+
+def _cat_bias(parts) -> nn.Parameter | None:
+    if parts[0].bias is None:
+        return None
+    return nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=parts[0].bias.requires_grad)
+
+
+def _stack_linear(parts: list[nn.Linear]) -> nn.Linear | None:
+    k = parts[0].in_features
+    if any(p.in_features != k for p in parts) or not _alike(parts, lambda p: p.weight) or not _alike(
+            parts, lambda p: p.bias):
+        return None
+    fused = nn.Linear(k, sum(p.out_features for p in parts), bias=parts[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]),
+                                requires_grad=parts[0].weight.requires_grad)
+    fused.bias = _cat_bias(parts)
+    return fused
+
+
+def _stack_w4a16(parts: list[W4A16Linear]) -> W4A16Linear | None:
+    """qweight rows are tiles of 16 output channels (formats/quick.py), so stacking them is exact when every part
+    but the last fills its tiles; scales and zeros (G, N) stack along N."""
+    a = parts[0]
+    if (any(p.in_features != a.in_features or p.group_size != a.group_size or p.sym != a.sym or p.perm is not None
+            for p in parts) or any(p.out_features % N_TILE for p in parts[:-1])
+            or not all(_alike(parts, lambda p, b=b: getattr(p, b)) for b in ("qweight", "scales", "zeros", "bias"))):
+        return None
+    with torch.device("meta"):
+        fused = W4A16Linear(a.in_features, sum(p.out_features for p in parts), a.bias is not None, a.group_size,
+                            a.sym)
+    fused.qweight = torch.cat([p.qweight for p in parts])
+    fused.scales = torch.cat([p.scales for p in parts], dim=1)
+    fused.zeros = None if a.sym else torch.cat([p.zeros for p in parts], dim=1)
+    fused.bias = _cat_bias(parts)
+    return fused
