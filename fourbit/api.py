@@ -16,6 +16,7 @@ from .formats.uint4 import group_length
 from .models.llama import LlamaModel
 from .models.loader import build, load_model, read_safetensors
 from .models.tokenizer import Tokenizer
+from .nn.fuse import check_unfused
 from .nn.linear import linear_factory
 from .quantize.awq import awq_block
 from .quantize.calib import TOKENS_PER_BATCH, quantize_blockwise, replace_module
@@ -54,6 +55,7 @@ def quantize_(module: nn.Module, config: W4A16Config, calib=None, filter=None, p
                            "act_order=True), which keeps the groups contiguous")
     if filter is None:
         filter = lambda name, module: not name.endswith("lm_head")  # noqa: E731
+    check_unfused(module, "quantizing")
     targets = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear) and filter(n, m)]
     if not targets:
         raise FourbitError("no nn.Linear layers to quantize (already quantized, or the filter excludes all)")
@@ -133,6 +135,7 @@ def _calib_calls(calib, module: nn.Module) -> list[tuple[tuple, dict]]:
 
 def save(model: LlamaModel, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write a fourbit checkpoint directory: config.json, model.safetensors and the tokenizer file if given."""
+    check_unfused(model, "saving")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FourbitError(f"{path} exists and is not a directory: choose another output directory")

@@ -264,7 +264,8 @@ async def _client(url: str, prompts, rate: float, seed: int) -> dict:
             async for line in r.aiter_lines():  # one stamp per chunk that carries text (a token or more)
                 if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
                     stamps.append(time.perf_counter())
-        results.append({"ttft": stamps[0] - t0, "tpot": (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1),
+        # EOS ignored: every stream carries SWEEP_NEW tokens, however the server grouped them into chunks
+        results.append({"ttft": stamps[0] - t0, "tpot": (stamps[-1] - stamps[0]) / (SWEEP_NEW - 1),
                         "chunks": len(stamps), "end": stamps[-1]})
 
     delays, t = [], 0.0

@@ -207,11 +207,11 @@ def cmd_generate(args):
     from .config import SamplingParams
     from .errors import FourbitError
     from .models.generate import generate
+    from .models.tokenizer import prompt_ids
 
     model = load_for_cli(args)
     tok = _tokenizer(args, model)
-    bos = tok.bos_id if tok.bos_id is not None else model.config.bos_id
-    prompt = ([] if bos is None else [bos]) + tok.encode(args.prompt)
+    prompt = prompt_ids(tok, args.prompt, model.config.bos_id)
     if not prompt:
         raise FourbitError("the prompt is empty and the tokenizer has no BOS token: pass --prompt TEXT")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)

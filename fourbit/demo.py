@@ -55,6 +55,16 @@ def weight_bytes(model) -> int:
     return total
 
 
+def _w4a16_path(device) -> str:
+    """Which W4A16 GPU kernel runs here (kernels/w4a16_gemm.w4a16_gemm picks the same way)."""
+    from .kernels.w4a16_gemm import GLUON_OK
+
+    cap = torch.cuda.get_device_capability(device)
+    if not GLUON_OK or cap < (8, 0):
+        return "portable Triton kernel"
+    return "Gluon mma/wgmma kernel" if cap[0] == 9 else "Gluon mma kernel"
+
+
 def run_demo(device: torch.device, preset: str | None, group_size: int, seed: int, as_json: bool):
     gpu = device.type == "cuda"
     preset = preset or ("llama-2-7b" if gpu else "tiny")
@@ -74,7 +84,7 @@ def run_demo(device: torch.device, preset: str | None, group_size: int, seed: in
     errors = {k: {"mean": sum(v) / len(v), "max": max(v), "layers": len(v)} for k, v in by_kind.items()}
     mode = "graph" if gpu else "eager"
     base = "bf16" if gpu else "fp32"
-    kernel = "Gluon mma/wgmma kernel" if gpu else "reference (torch)"
+    kernel = _w4a16_path(device) if gpu else "reference (torch)"
     result = {"preset": preset, "device": where, "group_size": group_size, "layers_quantized": len(report),
               "rel_error": errors, "decode_step_ms": {base: base_ms, "w4a16": q_ms},
               "weight_bytes": {base: base_bytes, "w4a16": q_bytes}, "speedup": base_ms[mode] / q_ms[mode],

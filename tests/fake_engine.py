@@ -38,6 +38,9 @@ class FakeAsyncLLM:
     async def shutdown(self):
         self.shut_down = True
 
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=self.tokenizer.bos_id is not None)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
         if not self.started or self.shut_down:
             raise FourbitError("the fake engine is not running")

@@ -163,6 +163,42 @@ def test_async_engine_streams_and_cancels(model, tokenizer):
     assert all(f.prompt_tokens == len(p) for f, p in zip(firsts, prompts))
 
 
+def test_async_engine_crash_answers_every_request(model, tokenizer):
+    """A device error inside a step fails the running request and the ones queued meanwhile: none waits forever."""
+    import threading
+
+    from fourbit.engine.llm import EngineError
+
+    llm = LLM(model, tokenizer)
+    engine = AsyncLLM(llm, "stories")
+    in_step, release = threading.Event(), threading.Event()
+
+    def failing_step():
+        in_step.set()
+        release.wait(5)
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    llm.step = failing_step
+    prompt = _prompts(tokenizer, n=1, seed=4)[0]
+
+    async def first_token(stream):
+        return await asyncio.wait_for(stream.__anext__(), 10)
+
+    async def main():
+        await engine.start()
+        running = asyncio.ensure_future(first_token(engine.generate(prompt, SamplingParams(max_new_tokens=5))))
+        await asyncio.to_thread(in_step.wait, 5)
+        queued = asyncio.ensure_future(first_token(engine.generate(prompt, SamplingParams(max_new_tokens=5))))
+        await asyncio.sleep(0.05)  # the second request sits in the inbox while the step runs
+        release.set()
+        results = await asyncio.gather(running, queued, return_exceptions=True)
+        later = await asyncio.gather(first_token(engine.generate(prompt, SamplingParams())), return_exceptions=True)
+        return results + later
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, EngineError) for r in results), results
+
+
 def test_cache_head_dims_match_the_kernel():
     from fourbit.kernels.paged_attention import HEAD_DIMS
     from fourbit.models.attention import PAGED_HEAD_DIMS

@@ -212,7 +212,7 @@ class _Holder(nn.Module):
 def _w4a16(n, k, group_size, sym, bias, gen, perm=False):
     codes, scales, zeros = quantize_groups(torch.randn(n, k, generator=gen), group_size, sym, SCALE_DTYPE)
     b = torch.randn(n, generator=gen) if bias else None
-    p = torch.randperm(k, generator=gen).int() if perm else None
+    p = perm if torch.is_tensor(perm) else torch.randperm(k, generator=gen).int() if perm else None
     return W4A16Linear.from_codes(codes, scales, zeros, group_size, k, b, p)
 
 
@@ -261,6 +261,14 @@ def test_fused_w4a16_is_exact(group_size, sym, bias):
     assert fused_layer.qweight.shape == (9, 512) and fused_layer.scales.shape[1] == 136
 
 
+def test_fused_w4a16_shared_permutation_is_exact():
+    """Act-order parts with one input permutation fuse, keeping it: one gather of X serves q/k/v."""
+    gen = _gen("w4a16-perm")
+    perm = torch.randperm(200, generator=gen).int()
+    parts = [_w4a16(n, 200, 32, False, False, gen, perm) for n in (64, 32, 32)]
+    assert torch.equal(_fused_equals_separate(parts).qkv_proj.perm, perm)
+
+
 class _OtherLinear(nn.Linear):
     """Stands for a Linear type fusion does not know (another quantized layer)."""
 
@@ -275,7 +283,7 @@ def test_unfusable_groups_stay_separate():
     cases = {
         "group sizes": [w4(), w4(group_size=64), w4()],
         "sym": [w4(sym=True), w4(), w4()],
-        "permuted": [w4(perm=True), w4(perm=True), w4(perm=True)],
+        "different permutations": [w4(perm=True), w4(perm=True), w4(perm=True)],
         "partial tile": [w4(n=40), w4(), w4()],
         "mixed types": [nn.Linear(128, 32), w4(), nn.Linear(128, 32)],
         "dtypes": [nn.Linear(128, 32), nn.Linear(128, 32).half(), nn.Linear(128, 32)],
@@ -308,6 +316,18 @@ def test_fused_model_same_logits(stories, realdata):
             assert torch.equal(step[0], step[1])
     block = fuse_projections_(w4).layers[0]
     assert "qkv_proj" in block.self_attn._modules and "gate_proj" in block.mlp._modules
+
+
+def test_fused_model_refuses_save_export_quantize(stories, tmp_path):
+    """Checkpoints and quantizers name the separate projections: a model fused for serving says so instead."""
+    fused_model = fuse_projections_(copy.deepcopy(stories))
+    calls = {"saving": lambda: fourbit.save(fused_model, tmp_path / "a"),
+             "exporting": lambda: fourbit.export(fused_model, tmp_path / "b"),
+             "quantizing": lambda: fourbit.quantize_(fused_model, W4A16Config(), progress=False)}
+    for action, call in calls.items():
+        with pytest.raises(FourbitError, match=f"{action} needs the separate"):
+            call()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_fused_model_in_the_engine(stories, realdata):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..config import EngineConfig, SamplingParams
 from ..errors import FourbitError
 from ..models.llama import LlamaModel
-from ..models.tokenizer import Tokenizer
+from ..models.tokenizer import Tokenizer, prompt_ids
 from ..nn.fuse import fuse_projections_
 from .block_manager import BlockManager
 from .runner import Runner
@@ -81,8 +81,7 @@ class LLM:
             return list(prompt)
         if self.tokenizer is None:
             raise FourbitError("text prompts need a tokenizer: pass LLM(model, tokenizer=...) or token ids")
-        bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.model.config.bos_id
-        return ([] if bos is None else [bos]) + self.tokenizer.encode(prompt)
+        return prompt_ids(self.tokenizer, prompt, self.model.config.bos_id)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a request; FourbitError if it can never be served (empty, or longer than max_model_len)."""
@@ -219,6 +218,10 @@ class AsyncLLM:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
+    def encode(self, text: str) -> list[int]:
+        """A text prompt's token ids, as LLM.generate encodes it."""
+        return self.llm.encode(text)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         if self._error is not None:
             raise EngineError(f"the engine stopped after an error: {self._error!r}")
@@ -235,6 +238,8 @@ class AsyncLLM:
         self._inbox.put(("add", key, (list(prompt_ids), params), loop, out))
         done = False
         try:
+            if self._error is not None:  # the engine thread failed while this request was being queued
+                raise EngineError(f"the engine stopped after an error: {self._error!r}")
             while True:
                 item = await out.get()
                 if isinstance(item, BaseException):
@@ -269,13 +274,28 @@ class AsyncLLM:
                     if finished:
                         del live[key], owner[seq.seq_id], sent[seq.seq_id]
         except BaseException as e:  # a device error: fail every request instead of hanging them
-            self._error = e
+            self._error = e  # set first: generate() checks it after queueing, so no request waits forever
+            error = EngineError(f"engine error: {e!r}")
             for key in list(live):
-                self._send(key, EngineError(f"engine error: {e!r}"))
+                self._send(key, error)
+            self._answer_inbox(lambda prompt: error)
             raise
         for key, seq in live.items():  # shut down with requests still running
             self.llm.abort(seq.seq_id)
             self._send(key, RequestOutput([], "abort", len(seq.prompt), seq.num_cached))
+        self._answer_inbox(lambda prompt: RequestOutput([], "abort", len(prompt), 0))
+
+    def _answer_inbox(self, answer):
+        """Answer the requests still queued for a stopped engine thread with answer(prompt)."""
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg is not None and msg[0] == "add":
+                _, key, (prompt, _params), loop, out = msg
+                self._outs[key] = (loop, out)
+                self._send(key, answer(prompt))
 
     def _drain(self, live, owner, sent, block: bool):
         while True:

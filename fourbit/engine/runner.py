@@ -87,33 +87,31 @@ class Runner:
         """Run the batch's tokens; returns the sampled token of each sequence whose step completed its known
         tokens (a decode, or the last chunk of a prefill), None for the others."""
         bs = self.config.block_size
-        tokens, positions, slots, seq_lens, query_start, tables = [], [], [], [], [0], []
-        for seq, n in zip(batch.seqs, batch.num_new):
-            start, table = seq.num_computed, seq.block_table
-            tokens += seq.token_range(start, start + n)
-            for p in range(start, start + n):
-                positions.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
-            seq_lens.append(start + n)
-            query_start.append(query_start[-1] + n)
-            tables.append(table)
         s = len(batch.seqs)
         graph = self._bucket(s) if batch.is_decode else None
         rows = graph if graph is not None else s
+        tables = [seq.block_table for seq in batch.seqs]
         width = self.max_blocks if graph is not None else max(len(t) for t in tables)
         scratch = self.cache.scratch_block
         # padding rows (graph buckets): token 0, written to the scratch block, seq_len 0 (never attended)
-        tokens += [0] * (rows - s)
-        positions += [0] * (rows - s)
-        slots += [scratch * bs] * (rows - s)
-        seq_lens += [0] * (rows - s)
         block_tables = np.full((rows, width), scratch, dtype=np.int32)  # (rows, width); numpy fills rows fast
         for i, t in enumerate(tables):
             block_tables[i, :len(t)] = t
+        num_new = np.asarray(batch.num_new)
+        starts = np.asarray([seq.num_computed for seq in batch.seqs])
+        row = np.repeat(np.arange(s), num_new)  # each new token's sequence
+        query_start = np.concatenate(([0], np.cumsum(num_new)))
+        positions = starts[row] + np.arange(len(row)) - query_start[:-1][row]
+        tokens = [t for seq, n in zip(batch.seqs, batch.num_new) for t in seq.token_range(seq.num_computed,
+                                                                                           seq.num_computed + n)]
+        pad = rows - s
         host = {
-            "tokens": np.asarray(tokens, dtype=np.int64), "positions": np.asarray(positions, dtype=np.int64),
-            "slots": np.asarray(slots, dtype=np.int64), "block_tables": block_tables,
-            "seq_lens": np.asarray(seq_lens, dtype=np.int32),
+            "tokens": np.asarray(tokens + [0] * pad, dtype=np.int64),
+            "positions": np.concatenate((positions, np.zeros(pad, dtype=np.int64))),
+            "slots": np.concatenate((block_tables[row, positions // bs].astype(np.int64) * bs + positions % bs,
+                                     np.full(pad, scratch * bs, dtype=np.int64))),
+            "block_tables": block_tables,
+            "seq_lens": np.concatenate((starts + num_new, np.zeros(pad, dtype=np.int64))).astype(np.int32),
         }
         if graph is not None:  # query_start and last of a decode bucket are fixed aranges, captured as such
             g, static, logits, greedy = self.graphs[graph]
@@ -124,12 +122,11 @@ class Runner:
             g.replay()
             if all(seq.params.temperature == 0 for seq in batch.seqs):  # the argmax ran inside the graph
                 return greedy[:s].tolist()
-            logits = logits[:s]
-        else:
-            host["query_start"] = np.asarray(query_start, dtype=np.int32)
-            host["last"] = host["query_start"][1:].astype(np.int64) - 1
-            dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
-            logits = self.model.forward_paged(dev["tokens"], batch_meta(dev, max(batch.num_new)), self.cache)
+            return self._sample(logits[:s], batch.seqs, greedy[:s].clone())  # every row of a decode samples
+        host["query_start"] = query_start.astype(np.int32)
+        host["last"] = query_start[1:].astype(np.int64) - 1
+        dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
+        logits = self.model.forward_paged(dev["tokens"], batch_meta(dev, max(batch.num_new)), self.cache)
         want = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)) if seq.num_computed + n == seq.num_tokens]
         out: list[int | None] = [None] * s
         if want:
@@ -142,9 +139,10 @@ class Runner:
         """Drop the sampling state of a finished request."""
         self._seeded.pop(seq_id, None)
 
-    def _sample(self, logits, seqs) -> list[int]:
-        """logits (S, V) float32 -> one token per sequence, each with its own SamplingParams."""
-        out = logits.argmax(-1)  # greedy rows keep this
+    def _sample(self, logits, seqs, greedy=None) -> list[int]:
+        """logits (S, V) float32 -> one token per sequence, each with its own SamplingParams. greedy: the
+        logits' argmax when already computed (a decode graph's)."""
+        out = logits.argmax(-1) if greedy is None else greedy  # greedy rows keep this
         hot = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
         if hot:
             p = [seqs[i].params for i in hot]

@@ -138,7 +138,7 @@ async def completions(request: Request):
     engine = request.app.state.engine
     body = await _json_body(request)
     _check_model(_get(body, "model", str), engine)
-    job = _job(body, engine, _completion_prompt(body, engine.tokenizer), "prompt", "max_tokens", default_max=16)
+    job = _job(body, engine, _completion_prompt(body, engine), "prompt", "max_tokens", default_max=16)
     return await _respond(request, engine, job, _CompletionShape(engine.model_name, job.include_usage))
 
 
@@ -235,12 +235,15 @@ def _check_model(model: str | None, engine) -> None:
                             f"(GET /v1/models)", param="model", code="model_not_found")
 
 
-def _completion_prompt(body: dict, tok) -> list[int]:
+def _completion_prompt(body: dict, engine) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt
     if isinstance(prompt, str):
-        return tok.encode(prompt, bos=tok.bos_id is not None)
+        try:
+            return engine.encode(prompt)  # BOS as LLM.generate adds it
+        except FourbitError as e:  # e.g. a dummy model's id tokenizer given words
+            raise APIError(400, str(e), param="prompt") from None
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
         return prompt
     if isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):

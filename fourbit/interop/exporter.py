@@ -32,6 +32,7 @@ from ..formats.quick import unpack_quick
 from ..models.llama import LlamaModel
 from ..models.loader import hf_config_dict, hf_rope_rows, to_hf_name
 from ..models.tokenizer import Tokenizer
+from ..nn.fuse import check_unfused
 from ..nn.linear import W4A16Linear
 
 FORMATS = ("awq", "gptq")
@@ -129,6 +130,7 @@ def _quantization_config(model: LlamaModel, layers: dict, format: str, float_lay
 def export_hf(model: LlamaModel, path: Path, format: str = "awq", tokenizer: Tokenizer | None = None) -> Path:
     if format not in FORMATS:
         raise FourbitError(f"export format {format!r} is not supported: use one of {', '.join(FORMATS)}")
+    check_unfused(model, "exporting")
     check_out_dir(path)
     layers = _quantized_layers(model)
     config = hf_config_dict(model.config, dtype="float16")  # raises for what HF cannot describe, before any work

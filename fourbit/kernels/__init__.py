@@ -1,1 +1,11 @@
 """GPU kernels (Triton/Gluon), one op per file, and their torch twins in ref.py."""
+
+import functools
+
+
+@functools.cache  # on the launch path of every kernel that sizes its grid by the SM count
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device `device_index`."""
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..errors import FourbitError
+from . import sm_count
 
 HEAD_DIMS = (32, 64, 128, 256)
 LOG2E = 1.4426950408889634
@@ -208,8 +209,8 @@ def _combine_kernel(ws_acc, ws_ml, query_start, out_ptr, stride_ot, stride_oh,
     tl.store(out_ptr + q_begin.to(tl.int64) * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
-@functools.cache  # on every call's launch path: a pure function of a few ints
-def _config(d: int, gp: int, max_query_len: int, programs: int, max_context: int, sms: int) -> AttnConfig:
+@functools.lru_cache(maxsize=1024)  # on every call's launch path; its keys vary with eager batches: bounded
+def _config(gp: int, max_query_len: int, programs: int, max_context: int, sms: int) -> AttnConfig:
     """Tile sizes from the shapes. programs = S · Hkv (decode grid), max_context = block-table width × block_size
     (an upper bound of every sequence's length, known on the host).
 
@@ -280,9 +281,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, ma
         out = q.new_empty((t, hq, d))
     if t == 0 or s == 0:
         return out
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    sms = sm_count(q.device.index) if q.is_cuda else 4
     max_context = block_tables.shape[1] * block_size
-    cfg = config or _config(d, gp, max(1, max_query_len), s * hkv, max_context, sms)
+    cfg = config or _config(gp, max(1, max_query_len), s * hkv, max_context, sms)
     decode = max_query_len <= 1
     splits = cfg.splits if decode else 1
     if splits & (splits - 1):

@@ -50,6 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE
+from . import sm_count
 
 
 @triton.constexpr_function
@@ -460,7 +461,7 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     x = x.contiguous()
     k_tiles = qweight.shape[1] // WORDS_PER_TILE
     cap = torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    sms = sm_count(x.device.index) if x.is_cuda else 4
     kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9)
     per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per_split)

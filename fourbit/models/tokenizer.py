@@ -16,6 +16,12 @@ from pathlib import Path
 from ..errors import FourbitError
 
 
+
+def prompt_ids(tok, text: str, default_bos: int | None) -> list[int]:
+    """A text prompt's token ids after BOS: the tokenizer's BOS, else `default_bos` (the model's), else none."""
+    bos = tok.bos_id if tok.bos_id is not None else default_bos
+    return ([] if bos is None else [bos]) + tok.encode(text)
+
 class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import FourbitError
 from ..formats.quick import N_TILE
 from .linear import W4A16Linear
 
@@ -18,8 +19,9 @@ from .linear import W4A16Linear
 def fuse_projections_(model: nn.Module) -> nn.Module:
     """In place: in every module that declares fusable projections (a class attribute FUSED = {fused name: part
     names}, as models/llama.Attention and MLP do), replace the parts by one layer of their rows stacked. Parts that
-    cannot be stacked exactly (types, dtypes, devices, group sizes or bias presence differ; a permuted input; a
-    W4A16 part other than the last whose rows do not fill its 16-row tiles; any other layer type) stay separate.
+    cannot be stacked exactly (types, dtypes, devices, group sizes or bias presence differ; different input
+    permutations; a W4A16 part other than the last whose rows do not fill its 16-row tiles; any other layer
+    type) stay separate.
     The separate layers are dropped (no doubled memory); fusing again changes nothing. Returns the model."""
     for module in list(model.modules()):
         for fused_name, names in getattr(type(module), "FUSED", {}).items():
@@ -30,6 +32,15 @@ def fuse_projections_(model: nn.Module) -> nn.Module:
                     delattr(module, n)
                 module.add_module(fused_name, fused)
     return model
+
+
+def check_unfused(model: nn.Module, action: str) -> None:
+    """FourbitError if fuse_projections_ changed the model: `action` (saving, exporting, quantizing) needs the
+    separate projections that checkpoints and quantizers name."""
+    if any(f in m._modules for m in model.modules() for f in getattr(type(m), "FUSED", {})):
+        raise FourbitError(f"{action} needs the separate q/k/v and gate/up projections, but this model's were fused "
+                           f"for serving (fourbit.LLM fuses the model it is given, in place): {action} before "
+                           f"building an LLM, or load the model again")
 
 
 def _stack(parts: list[nn.Module]) -> nn.Module | None:
@@ -70,17 +81,26 @@ def _stack_linear(parts: list[nn.Linear]) -> nn.Linear | None:
     return fused
 
 
+def _same_perm(parts: list[W4A16Linear]) -> bool:
+    """All parts gather their input alike: none permuted, or one permutation (act-order checkpoints quantize
+    q/k/v, and gate/up, from one input's statistics, so theirs normally agree)."""
+    a = parts[0].perm
+    return all(p.perm is None for p in parts) if a is None else all(
+        p.perm is not None and torch.equal(p.perm, a) for p in parts)
+
+
 def _stack_w4a16(parts: list[W4A16Linear]) -> W4A16Linear | None:
     """qweight rows are tiles of 16 output channels (formats/quick.py), so stacking them is exact when every part
-    but the last fills its tiles; scales and zeros (G, N) stack along N."""
+    but the last fills its tiles; scales and zeros (G, N) stack along N; a shared input permutation carries over."""
     a = parts[0]
-    if (any(p.in_features != a.in_features or p.group_size != a.group_size or p.sym != a.sym or p.perm is not None
-            for p in parts) or any(p.out_features % N_TILE for p in parts[:-1])
+    if (any(p.in_features != a.in_features or p.group_size != a.group_size or p.sym != a.sym for p in parts)
+            or not _same_perm(parts) or any(p.out_features % N_TILE for p in parts[:-1])
             or not all(_alike(parts, lambda p, b=b: getattr(p, b)) for b in ("qweight", "scales", "zeros", "bias"))):
         return None
     with torch.device("meta"):
         fused = W4A16Linear(a.in_features, sum(p.out_features for p in parts), a.bias is not None, a.group_size,
                             a.sym)
+    fused.perm = a.perm
     fused.qweight = torch.cat([p.qweight for p in parts])
     fused.scales = torch.cat([p.scales for p in parts], dim=1)
     fused.zeros = None if a.sym else torch.cat([p.zeros for p in parts], dim=1)

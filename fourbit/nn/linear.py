@@ -14,7 +14,8 @@ GPTQ act-order (desc_act) checkpoint assigns channels to groups by g_idx, scatte
 columns by perm = argsort(g_idx) makes every group contiguous, and Y = X[:, perm] · W[:, perm]ᵀ = X · Wᵀ, so such a
 layer stores the permuted codes and gathers its input columns by `perm` before the GEMM: one extra pass over X
 (M x K), small next to the weight at decode batch sizes. The gather cannot be folded into the previous layer:
-q/k/v (and gate/up) share one input but each has its own permutation.
+q/k/v (and gate/up) share one input but each may have its own permutation (nn/fuse.py stacks the parts whose
+permutations agree, as they normally do, into one layer with one gather).
 """
 from __future__ import annotations
 
