@@ -1,9 +1,8 @@
-"""Sweep the W4A16 mma kernel's configs on Llama layer shapes; prints the best per (shape, M) and the default.
+"""Sweep the W4A16 kernels' configs on Llama layer shapes; prints the best per (shape, M) and the default.
 
 python benchmarks/tune_w4a16.py [--shapes ...] [--m ...] (GPU). Weights rotate beyond L2 and calls are timed as
-CUDA graphs, as in fourbit bench gemm. Also times two reference variants at the default config: the same kernel
-with the dequantized tile written to and re-read from shared memory (`round trip`, what QUICK removes), and the
-Triton tl.dot twin (weights through shared memory, as a textbook Triton kernel does).
+CUDA graphs, as in fourbit bench gemm. Also times the mma kernel at the default tile shape with and without the
+dequantized tile written to and re-read from shared memory (`round trip`, what QUICK removes).
 """
 import itertools
 
@@ -20,6 +19,10 @@ def candidates(m, k_tiles, n, sms):
     """(kind, BLOCK_M, R, warps, split, post_scale, x_smem, stages) configs worth trying at M rows."""
     bms = [b for b in (8, 16, 32, 64, 128, 256) if b >= min(m, 256) and b <= max(8, 2 * m)][:2]
     out = []
+    for bm, r, per_sm, stages in itertools.product((8, 16), (1, 2), (2, 4, 6, 8), (2, 3, 4)):
+        if m <= bm <= max(8, 2 * m):
+            split = max(1, min(per_sm * sms // (triton.cdiv(m, bm) * triton.cdiv(n, 64 * r)), k_tiles))
+            out.append(("ring", bm, r, 4, split, True, True, stages))
     for kind, bm, r, warps in itertools.product(("mma", "wgmma"), bms, (1, 2), (4, 8)):
         if kind == "wgmma" and bm * r > 256:
             continue
@@ -72,8 +75,11 @@ def main(shapes, ms, budget):
             base = gpu_ms(lambda x, d: x @ d.t(), dense, x)
             default = mod._config(m, n, k // 128, sms)
             t_def = time_cfg(layer, copies, x, n, k, default)
-            mma_default = ("mma",) + default[1:] if default[0] == "mma" else ("mma", 64, 1, 8, 2, False, True, 0)
-            t_rt = time_cfg(layer, copies, x, n, k, mma_default, ROUND_TRIP=True)
+            bm = 8 if m <= 8 else 64
+            mma = ("mma", bm, 1, 4 if m <= 8 else 8, max(1, min(4 * sms // (triton.cdiv(m, bm) * triton.cdiv(n, 64)), k // 128)),
+                   m <= 8, m > 1, 0)
+            t_mma = time_cfg(layer, copies, x, n, k, mma)
+            t_rt = time_cfg(layer, copies, x, n, k, mma, ROUND_TRIP=True)
             pool = candidates(m, k // 128, n, sms)
             torch.manual_seed(m)
             pool = [pool[i] for i in torch.randperm(len(pool))[:budget].tolist()]
@@ -84,7 +90,8 @@ def main(shapes, ms, budget):
                 except Exception as e:  # out of registers / shared memory: skip the config
                     print("  skip", cfg, type(e).__name__, flush=True)
             line = (f"{shape:>10} M={m:<5} bf16 {base * 1e3:7.1f}us | default {default} {base / t_def:5.2f}x | "
-                    f"round trip {base / t_rt:5.2f}x | best {best[1]} {base / best[0]:5.2f}x")
+                    f"mma {base / t_mma:5.2f}x, with the round trip {base / t_rt:5.2f}x | best {best[1]} "
+                    f"{base / best[0]:5.2f}x")
             print(line, flush=True)
             rows.append(line)
     print("\n".join(rows))

@@ -75,10 +75,11 @@ def bench_engine(preset: str, scheme: str, bandwidth: float, seed: int = 0) -> d
     t0 = time.perf_counter()
     llm = LLM(model, config=config, seed=seed)
     setup = time.perf_counter() - t0
+    warmup = llm.warmup(progress=False)  # kernel compiles for each prefill size class, as `fourbit serve` does
     vocab = model.config.vocab_size
     greedy = dict(temperature=0.0, stop_at_eos=False)
     out = {"preset": preset, "scheme": scheme, "weight_GB": weights / 1e9, "kv_blocks": llm.runner.num_blocks,
-           "engine_setup_s": setup, "graph_capture_s": llm.runner.capture_seconds}
+           "engine_setup_s": setup, "graph_capture_s": llm.runner.capture_seconds, "warmup_s": warmup}
 
     # (a) batch-1 decode: time per token after the first
     llm.generate(_prompts(1, DECODE_PROMPT, vocab, seed), SamplingParams(8, **greedy), progress=False)  # warm
@@ -191,14 +192,17 @@ def _line(r: dict) -> str:
 
 
 def write_e2e(out_dir: Path, meta: dict, rows: list):
-    """<gpu>-e2e.json and .md; rows of presets this run did not measure are kept from the previous file."""
+    """<gpu>-e2e.json and .md; rows (preset, scheme) this run did not measure are kept from the previous file,
+    with the date they were measured on."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = result_stem(meta["gpu"], "e2e")
     path = out_dir / f"{stem}.json"
-    ran = {r["preset"] for r in rows}
+    rows = [{"date": meta["date"], **r} for r in rows]
+    ran = {(r["preset"], r["scheme"]) for r in rows}
     if path.is_file():
         old = json.loads(path.read_text())
-        rows = [r for r in old["rows"] if r["preset"] not in ran] + rows
+        kept = [{"date": old["meta"]["date"], **r} for r in old["rows"] if (r["preset"], r["scheme"]) not in ran]
+        rows = sorted(kept + rows, key=lambda r: (r["preset"], r["scheme"] != "bf16", r["scheme"] != "w4a16"))
         meta = {**meta, "sweep": old["meta"].get("sweep")} if old["meta"].get("sweep") else meta
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# End-to-end serving on {meta['gpu']}, {meta['date']}", "",
@@ -229,6 +233,9 @@ def write_e2e(out_dir: Path, meta: dict, rows: list):
         if r.get("out_of_memory"):
             lines.append(f"\n{r['scheme']} ran out of GPU memory on {r['preset']} at batch "
                          f"{', '.join(map(str, r['out_of_memory']))}.")
+    older = sorted({(r["date"], r["preset"], r["scheme"]) for r in rows if r["date"] != meta["date"]})
+    if older:
+        lines.append("\nRows kept from earlier runs: " + "; ".join(f"{p} {s} ({d})" for d, p, s in older) + ".")
     best = {(r["preset"], r["scheme"]): max(t["tokens_per_s"] for t in r["throughput"]) for r in rows
             if r["scheme"] in ("bf16", "w4a16")}
     for preset in dict.fromkeys(p for p, _ in best):

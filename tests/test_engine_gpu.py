@@ -5,10 +5,12 @@ static-cache generate token for token.
 One request at a time, every GEMM sees the same rows as in the static generate and a prefill is bit-equal, but
 decode attention differs: the paged kernel (split-KV, its own summation order) against SDPA over the static cache.
 Batched, each GEMM also sees other requests' rows; cuBLAS gives a row the same bits whatever M, but the W4A16 kernel
-picks its tile shape and instruction (mma or wgmma) by M, and so sums in another order. So a sequence may leave
+picks its kernel and tile shape by M, and so sums in another order. So a sequence may leave
 the static one only where its two best tokens are within rounding of each other (checked below), and rarely: at
-most two of the seven sequences per run. (H100, 2026-11-22: fp16 equal everywhere; bf16 one-by-one, with or
-without CUDA graphs, leaves the static path at token 10 of one prompt, while its prefill logits are bit-equal.)
+most three of the seven sequences per run. (H100, 2026-11-22: fp16 equal everywhere; bf16 one-by-one, with or
+without CUDA graphs, leaves the static path at token 10 of one prompt, while its prefill logits are bit-equal;
+W4A16 left it in three of one run, each at a checked near tie, after the ring kernel took M <= 16 and the split-KV
+shares changed, both changing summation orders.)
 """
 from __future__ import annotations
 
@@ -57,5 +59,5 @@ def test_engine_greedy_equals_static_generate_on_cuda(realdata, scheme):
         got = [o.token_ids for o in llm.generate(prompts, params, progress=False)]
         differ = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
         assert all(_near_tie(model, prompts[i], got[i], want[i]) for i in differ), differ
-        assert len(differ) <= 2, differ
+        assert len(differ) <= 3, (config, differ)
         assert llm.blocks.num_free == llm.runner.num_blocks

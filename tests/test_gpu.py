@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group_size,sym", [(32, False), (64, True), (128, False), (-1, True)])
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 128, 1000])
-def test_w4a16_op_on_cuda(dtype, group_size, sym, m):
-    n, k = 1000, 1100  # neither a multiple of the tile nor of the group
+@pytest.mark.parametrize("n,k", [(1000, 1100), (1008, 1040)])
+def test_w4a16_op_on_cuda(dtype, group_size, sym, m, n, k):
+    # neither a multiple of the tile nor of the group; the second shape is in multiples of 16 (the ring kernel)
     w = torch.randn(n, k, device="cuda")
     codes, scales, zeros = quantize_groups(w, group_size, sym, SCALE_DTYPE)
     bias = torch.randn(n, device="cuda")
@@ -32,6 +33,7 @@ def test_w4a16_op_on_cuda(dtype, group_size, sym, m):
 
 
 _KERNEL_CONFIGS = [  # (kind, BLOCK_M, R, warps, split K, post-scale, X in smem, stages): each kernel path
+    ("ring", 8, 1, 4, 1, True, True, 2), ("ring", 8, 2, 4, 3, True, True, 3), ("ring", 16, 1, 4, 4, True, True, 4),
     ("mma", 8, 1, 4, 1, True, False, 0), ("mma", 8, 2, 4, 3, True, False, 0), ("mma", 16, 1, 8, 2, False, True, 0),
     ("mma", 64, 1, 8, 1, False, True, 0),
     ("wgmma", 8, 1, 4, 4, False, True, 4), ("wgmma", 16, 2, 8, 2, False, True, 2),
@@ -51,7 +53,7 @@ def test_w4a16_kernel_configs_on_cuda(cfg, dtype, m):
     from fourbit.kernels.w4a16_gemm import w4a16_gemm
 
     torch.manual_seed(1000 * _KERNEL_CONFIGS.index(cfg) + m)
-    n, k = 1000, 1100
+    n, k = (1008, 1040) if cfg[0] == "ring" else (1000, 1100)  # the ring kernel wants multiples of 16
     codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 64, False, SCALE_DTYPE)
     layer = W4A16Linear.from_codes(codes, scales, zeros, 64, k, torch.randn(n, device="cuda"))
     x = torch.randn(m, k, device="cuda", dtype=dtype)

@@ -132,8 +132,8 @@ def test_head_dims_and_small_tiles():
 
 @pytest.mark.parametrize("window", [None, 20])
 def test_split_kv_decode(window):
-    """Flash decoding: 4 splits of the block table's width (some splits empty for the short sequences); a
-    sequence with no new token this step (q_len 0) writes nothing."""
+    """Flash decoding: each sequence's keys in 4 shares of whole 16-key tiles (the short sequences leave some
+    splits empty); a sequence with no new token this step (q_len 0) writes nothing."""
     specs = [(100, 1), (1, 1), (0, 1), (47, 1), (30, 0), (65, 1)]
     _check_kernel(specs, hq=8, hkv=2, window=window, config=AttnConfig(4, 16, 4, 2, 4), seed=21)
 

@@ -61,6 +61,12 @@ _CASES = {
     "mma-bf16-g128": ("_w4a16_mma_kernel", "bf16", dict(GS=128, SYM=False, **_MMA)),
     "mma-fp16-g32": ("_w4a16_mma_kernel", "fp16", dict(GS=32, SYM=False, **_MMA)),
     "mma-bf16-perchannel-sym": ("_w4a16_mma_kernel", "bf16", dict(GS=-1, SYM=True, **_MMA)),
+    "ring-bf16-g128-split": ("_w4a16_ring_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False, ATOMIC=True,
+                                                                 BLOCK_M=8, R=1, NUM_WARPS=4, STAGES=3)),
+    "ring-fp16-g32": ("_w4a16_ring_kernel", "fp16", dict(GS=32, SYM=False, HAS_BIAS=True, ATOMIC=False, BLOCK_M=16,
+                                                         R=1, NUM_WARPS=4, STAGES=4)),
+    "ring-bf16-perchannel-sym": ("_w4a16_ring_kernel", "bf16", dict(GS=-1, SYM=True, HAS_BIAS=False, ATOMIC=False,
+                                                                    BLOCK_M=8, R=2, NUM_WARPS=4, STAGES=2)),
     "wgmma-bf16-g128": ("_w4a16_wgmma_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False, ATOMIC=False,
                                                             BLOCK_M=256, R=1, NUM_WARPS=8, STAGES=3)),
     "wgmma-fp16-g32-split": ("_w4a16_wgmma_kernel", "fp16", dict(GS=32, SYM=False, HAS_BIAS=True, ATOMIC=True,
@@ -93,6 +99,22 @@ def test_mma_kernel_keeps_dequantized_weights_in_registers(compiled, case):
     assert not any(op.startswith(("STS", "LDS")) for op in k["ops"])
     assert k["ops"].get("LDG.E.128", 0) >= 2  # a lane's 8 words of a tile: two 128-bit loads
     assert sum(n for op, n in k["ops"].items() if op.startswith("HMMA.16816")) >= 8  # 8 k16 slices per tile
+
+
+@pytest.mark.parametrize("case", [c for c in _CASES if c.startswith("ring")])
+def test_ring_kernel_copies_packed_words_only(compiled, case):
+    # The ring kernel stages every global read in shared memory with cp.async (LDGSTS): the packed weight words
+    # (each lane's 8 words as two 16-byte copies), X and the group parameters. Each lane reads its own words back
+    # with two 128-bit LDS and dequantizes them in registers (compiling proves, as above, that they are the mma A
+    # fragments). The kernel has no shared-memory store at all but the one broadcasting the split-K arrival
+    # count: a dequantized tile written back would show up here as STS.
+    k = compiled[case]
+    assert k["stack"] == 0
+    assert k["ops"].get("LDGSTS.E.BYPASS.128", 0) >= 2 and k["ops"].get("LDS.128", 0) >= 2
+    assert sum(n for op, n in k["ops"].items() if op.startswith("STS")) <= 1
+    direct = [op for op in k["ops"] if op.startswith("LDG.E") and "STRONG" not in op]  # (STRONG: split-K sums)
+    assert not direct or (_CASES[case][2]["HAS_BIAS"] and direct == ["LDG.E.U16"]), direct  # only the bias
+    assert sum(n for op, n in k["ops"].items() if op.startswith("HMMA.16816")) >= 8
 
 
 @pytest.mark.parametrize("case", [c for c in _CASES if c.startswith("wgmma")])

@@ -26,9 +26,11 @@ Kernel `_paged_attention_kernel`, one program per (tile of BLOCK_Q query tokens 
   slots past the sequence's last tile exit at once. A sequence's first slot takes its last tile (the longest key
   range), so long programs start first and short ones fill the tail.
 - Split KV (flash decoding) for decode when S · Hkv programs would leave SMs idle: grid (Hkv, S, splits), each
-  split does a slice of the keys and writes fp32 (acc, max, sum) to a workspace; `_combine_kernel` (one program
-  per (sequence, query head)) rescales and sums the splits. The number of splits depends only on host-known sizes
-  (S, Hkv, the block-table width), so a captured graph stays valid.
+  split does an equal share (whole key tiles) of the sequence's keys and writes fp32 (acc, max, sum) to a
+  workspace; `_combine_kernel` (one program per (sequence, query head)) rescales and sums the splits. The number
+  of splits depends only on host-known sizes (S, Hkv, the block-table width), so a captured graph stays valid;
+  the shares are computed in the kernel from seq_lens, so a short context in a wide block table still uses
+  every split.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def _find_seq(query_start, pid, num_seqs, BLOCK_Q: tl.constexpr):
 def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, query_start, out_ptr,
                             ws_acc, ws_ml, num_seqs, scale_log2e, window,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kh, stride_kt,
-                            stride_bt, chunk,
+                            stride_bt,
                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr,
                             SPLIT: tl.constexpr, WINDOW: tl.constexpr):
@@ -151,10 +153,10 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
     lo = 0
     if WINDOW:
         lo = tl.maximum(p_min - window + 1, 0)
-    if SPLIT:
-        split_lo = tl.program_id(2) * chunk
-        lo = tl.maximum(lo, split_lo)
-        hi = tl.minimum(hi, split_lo + chunk)
+    if SPLIT:  # this split's share of the keys actually there (whole key tiles): no split idles on a short context
+        chunk = tl.cdiv(tl.cdiv(hi - lo, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+        lo = lo + tl.program_id(2) * chunk
+        hi = tl.minimum(hi, lo + chunk)
     hi = tl.maximum(hi, lo)  # an empty range: a split past the context, or seq_len 0 (ctx = -q_len)
     # tiles lo + i·BLOCK_N: masked ones up to the last query's window start, mask-free ones while their last key
     # is <= the first query's position, masked ones to hi
@@ -297,7 +299,6 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, ma
         raise FourbitError(f"sliding_window must be >= 1 or None; got {sliding_window}")
     # kv heads vary fastest: the programs running together are every head's tiles of the same (longest) ranges
     grid = (hkv, slots, splits)
-    chunk = triton.cdiv(triton.cdiv(max_context, splits), cfg.block_n) * cfg.block_n
     if splits > 1:
         ws_acc = torch.empty((s, hq, splits, d), device=q.device, dtype=torch.float32)
         ws_ml = torch.empty((s, hq, splits, 2), device=q.device, dtype=torch.float32)
@@ -306,7 +307,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, ma
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start, out, ws_acc, ws_ml, s, scale * LOG2E, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), block_tables.stride(0), chunk,
+        k_cache.stride(2), block_tables.stride(0),
         G=g, GP=gp, D=d, BLOCK_SIZE=block_size, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, DECODE=decode,
         SPLIT=splits > 1, WINDOW=sliding_window is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:

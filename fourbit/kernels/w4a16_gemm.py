@@ -3,9 +3,12 @@
 W is uint4 codes in the quick layout v2 (formats/quick.py): qweight int32 (ceil(N/16), KT·256), KT = ceil(K/128),
 W[n, k] = (q[n, k] - z[g, n]) · s[g, n] with g = k // group_size (z = 8 when symmetric), scales fp16 (G, N).
 
-The GPU kernel `_w4a16_mma_kernel` (Gluon; on Hopper for M <= 8, on sm_80/sm_89 for every M) computes
-Yᵀ = W·Xᵀ with mma.m16n8k16, the weight as the A operand, so a decode batch fills the instruction's n = 8
-instead of wasting 15/16 of m = 16:
+Kernels by M (the stored format is the same for all): `_w4a16_ring_kernel` for M <= 16 where N and K are
+multiples of 16, `_w4a16_mma_kernel` for M <= 8 otherwise and for every M on sm_80/sm_89, `_w4a16_wgmma_kernel`
+for larger M on Hopper.
+
+`_w4a16_mma_kernel` (Gluon) computes Yᵀ = W·Xᵀ with mma.m16n8k16, the weight as the A operand, so a decode batch
+fills the instruction's n = 8 instead of wasting 15/16 of m = 16:
 - Each lane loads its 8 words of a 16 x 128 tile with two 128-bit loads. For each k16 slice i = 4h + a, one
   shift, one LOP3 (mask | magic) and one HSUB2 (minus magic + z) per word produce register j of the slice's A
   fragment (formats/quick.py says why). The dequantized tile never leaves registers: the kernel declares the
@@ -24,12 +27,15 @@ instead of wasting 15/16 of m = 16:
 - Split-K over programs when the (N, M) grid alone would leave SMs idle: the splits add into a persistent
   fp32 workspace and the last split of each output tile (a counter) writes Y and re-zeroes the workspace, so a
   call is one launch. The order of the adds varies, so split results can differ in the last bit run to run.
-`_w4a16_wgmma_kernel` (sm_90; M > 8 on Hopper) feeds the same register fragments to async wgmma
+`_w4a16_ring_kernel` does the mma kernel's math with every global read of a tile (packed weight words, X, the
+tile's group parameters) issued by cp.async a few tiles ahead into a shared-memory ring, so the loop body waits
+only on shared memory; each lane reads back its own packed words, and dequantized weights still never touch
+shared memory.
+`_w4a16_wgmma_kernel` (sm_90; M > 16 on Hopper) feeds the same register fragments to async wgmma
 (m64nBLOCK_Mk16, BLOCK_M from 16 to 256), with X streamed by TMA through a small ring of shared-memory tiles
 (mbarrier per stage) so X's loads overlap the tensor cores, and the next slice's dequant overlapping the running
-wgmma. X is read once per CTA instead of once per warp. Measured (H100, 2026-11-22, benchmarks/results/): 2.1-2.7x
-cuBLAS bf16 at M = 1, 1.8-2.9x at M = 16, 1.1-1.9x at M = 64, 0.8-1.7x at M = 128, 0.7-1.0x at M = 256,
-0.77-0.91x at M >= 1024; benchmarks/NOTES-w4a16.md has what limits each and what was tried.
+wgmma. X is read once per CTA instead of once per warp.
+Speedups by M: benchmarks/results/<gpu>-w4a16.md; what limits each and what was tried: benchmarks/NOTES-w4a16.md.
 
 `_w4a16_dot_kernel` (Triton, tl.dot) computes the same product from the same layout; it runs under
 TRITON_INTERPRET=1 (CPU tests: Gluon has no interpreter) and on GPUs older than sm_80.
@@ -44,11 +50,12 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from ..errors import FourbitError
 from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE
 from . import sm_count
 
@@ -84,10 +91,15 @@ def _dequant(words, zz, s2, A: gl.constexpr, BF16: gl.constexpr, SCALE: gl.const
 
 @gluon.jit
 def _load_tile(qw_ptr, w_off, w_ok, RB: gl.constexpr):
-    """A lane's 8 words of each 16-row block (two 128-bit loads) -> the two halves h, (16·RB, 8) words each,
-    rows n = 16 rb + 8 rh + g and columns 4 ch + t, held as the slice fragments need them (register bits
-    rh, ch; lane bits t, g): only the tensor's index labels change, no data moves."""
-    words = gl.load(qw_ptr + w_off, mask=w_ok, other=0)  # (RB, lane, r)
+    """A lane's 8 words of each 16-row block (two 128-bit loads) -> the two halves of _tile_halves."""
+    return _tile_halves(gl.load(qw_ptr + w_off, mask=w_ok, other=0), RB)
+
+
+@gluon.jit
+def _tile_halves(words, RB: gl.constexpr):
+    """words (RB, lane, r) -> the two halves h, (16·RB, 8) words each, rows n = 16 rb + 8 rh + g and columns
+    4 ch + t, held as the slice fragments need them (register bits rh, ch; lane bits t, g): only the tensor's
+    index labels change, no data moves."""
     words = gl.reshape(words, (RB, 8, 4, 2, 2, 2))  # (rb, g, t, h, ch, rh)
     words = gl.permute(words, (0, 5, 1, 4, 2, 3))  # (rb, rh, g, ch, t, h)
     return gl.split(gl.reshape(words, (16 * RB, 8, 2)))
@@ -272,6 +284,105 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 
 
 @gluon.jit
+def _ring_fill(stage, kt, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, x_ptr, x_off, x_ok, xk, x_ring,
+               s_ptr, z_ptr, p_off, p_ok, s_ring, z_ring, GS: gl.constexpr, GPT: gl.constexpr, SYM: gl.constexpr):
+    """Start the async copies (cp.async, one commit group) of tile kt into ring stage `stage`: this program's
+    packed weight words, X's 128 columns and the tile's zero points and scales (per-channel: group 0 each time,
+    from L2). Past the split's last tile the copies are masked off, which writes zeros and reads nothing."""
+    live = kt < kt1
+    async_copy.async_copy_global_to_shared(w_ring.index(stage), qw_ptr + w_off + kt * 256, mask=w_ok & live)
+    x_mask = x_ok & ((kt * 128 + xk) < K)[None, :] & live
+    async_copy.async_copy_global_to_shared(x_ring.index(stage), x_ptr + x_off + kt * 128, mask=x_mask)
+    for q in gl.static_range(GPT):
+        g = 0 if GS == -1 else kt * GPT + q  # the tile's groups
+        p_mask = p_ok & live & (g * GS < K)
+        slot = stage * GPT + q
+        async_copy.async_copy_global_to_shared(s_ring.index(slot), s_ptr + g * N + p_off, mask=p_mask)
+        if not SYM:
+            async_copy.async_copy_global_to_shared(z_ring.index(slot), z_ptr + g * N + p_off, mask=p_mask)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
+                       ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr,
+                       ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr,
+                       STAGES: gl.constexpr):
+    """Small M (BLOCK_M 8 or 16): the mma kernel's math, with every global read of a tile (packed weights, X, group
+    parameters) issued STAGES - 1 tiles ahead by cp.async into a shared-memory ring, so the loop body waits on
+    nothing but shared memory and the registers hold one tile. Each lane copies and then reads back its own
+    weight words; only the packed words pass through shared memory, the dequantized fragments are made in
+    registers as in the mma kernel. Needs N and K multiples of 16 (16-byte copies)."""
+    BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
+    RB: gl.constexpr = R * NUM_WARPS
+    BN: gl.constexpr = 16 * RB
+    GPT: gl.constexpr = 1 if GS == -1 else 128 // GS  # groups per tile
+    SPG: gl.constexpr = 8 if GS == -1 else GS // 16  # slices per group (per-channel: a tile's worth)
+    magic: gl.constexpr = 0x4300 if BF16 else 0x6400
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, 8])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    x_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NUM_WARPS, 1], [1, 0])  # 16-byte copies
+    p_l: gl.constexpr = gl.BlockedLayout([8], [32], [NUM_WARPS], [0])
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    kt0, kt1 = _k_range(KT, TILES_PER_SPLIT)
+
+    w_off, w_ok = _word_offsets(pid_n, N, KT, RB, NUM_WARPS)
+    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, RB, 32, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_l))
+    xk = gl.arange(0, 128, layout=gl.SliceLayout(0, x_l))
+    x_off = xm[:, None] * K + xk[None, :]
+    x_ok = (xm < M)[:, None]
+    x_ring = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [STAGES, BLOCK_M, 128],
+                                       gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))
+    p_off = pid_n * BN + gl.arange(0, BN, layout=p_l)
+    p_ok = p_off < N
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [STAGES * GPT, BN], flat)  # slot stage·GPT + q
+    z_ring = gl.allocate_shared_memory(gl.uint8, [STAGES * GPT, BN], flat)
+    for f in gl.static_range(STAGES - 1):  # the ring's first tiles in flight
+        _ring_fill(f, kt0 + f, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, x_ptr, x_off, x_ok, xk, x_ring,
+                   s_ptr, z_ptr, p_off, p_ok, s_ring, z_ring, GS, GPT, SYM)
+
+    acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=mma)
+    for kt in range(kt0, kt1):
+        j = kt - kt0
+        stage = j % STAGES
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of tile kt have landed
+        gl.thread_barrier()  # every thread's (X and the parameters are shared), and tile kt - 1's stage is free
+        _ring_fill((j + STAGES - 1) % STAGES, kt + STAGES - 1, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, x_ptr,
+                   x_off, x_ok, xk, x_ring, s_ptr, z_ptr, p_off, p_ok, s_ring, z_ring, GS, GPT, SYM)
+        w0, w1 = _tile_halves(w_ring.index(stage).load(w_off.type.layout), RB)
+        z_l: gl.constexpr = gl.SliceLayout(1, w0.type.layout)
+        for h in gl.static_range(2):
+            wh = w0 if h == 0 else w1
+            for a in gl.static_range(4):
+                if (4 * h + a) % SPG == 0:  # a new group starts at this slice
+                    if SYM:
+                        zz = gl.full((BN, ), (magic + 8) * 0x10001, gl.int32, layout=z_l)
+                    else:
+                        z = z_ring.index(stage * GPT + (4 * h + a) // SPG).load(z_l).to(gl.int32)
+                        zz = (magic + z) * 0x10001
+                    sc = s_ring.index(stage * GPT + (4 * h + a) // SPG).load(gl.SliceLayout(1, mma)).to(gl.float32)
+                lo, hi = _dequant(wh, zz[:, None], zz[:, None], a, BF16, False)
+                w = gl.convert_layout(gl.reshape(gl.join(lo, hi), (BN, 16)), a_l, assert_trivial=True)
+                x = x_ring.index(stage).slice(16 * (4 * h + a), 16, dim=1).permute((1, 0)).load(b_l)
+                if (4 * h + a) % SPG == 0:
+                    part = mma_v2(w, x, gl.zeros((BN, BLOCK_M), gl.float32, layout=mma))
+                else:
+                    part = mma_v2(w, x, part)
+                if (4 * h + a) % SPG == SPG - 1:  # the group's sum, times its scale
+                    acc += part * sc[:, None]
+    async_copy.wait_group(0)  # the masked-off copies past the last tile
+
+    acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC,
+               BLOCK_M)
+
+
+@gluon.jit
 def _issue_x(x_desc, x_smem, bars, stage, m0, kt, pred):
     """Start the TMA copy of X's (BLOCK_M, 128) tile kt into ring stage `stage` (two 64-column boxes, the
     widest a 128-byte swizzle takes); bars[stage] completes when both have landed. Rows past M and columns
@@ -402,13 +513,16 @@ def _w4a16_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 
 
 @functools.cache  # on every call's launch path: a pure function of a few ints
-def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True):
-    """(kind, BLOCK_M, R, num_warps, split_k, post_scale, x_smem, stages); kind "mma" (mma_v2) or "wgmma"
+def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned: bool = True):
+    """(kind, BLOCK_M, R, num_warps, split_k, post_scale, x_smem, stages); kind "ring" (mma_v2, every load
+    through a cp.async ring of `stages` tiles; N and K multiples of 16: `aligned`), "mma" (mma_v2) or "wgmma"
     (sm_90, X through a TMA ring of `stages` tiles)."""
     # Picked from sweeps on an H100 (benchmarks/tune_w4a16.py, benchmarks/NOTES-w4a16.md). Small rings and one
     # warpgroup leave room for several CTAs per SM, which is what hides latency here (no warp specialization).
     kind, r, post, smem, stages = "wgmma", 1, False, True, 2
-    if m <= 8:  # X through shared memory unless M = 1 (one 128-bit load per lane instead of 16 per tile)
+    if m <= 16 and aligned:  # 3 stages, ~4 CTAs per SM: deeper rings and more CTAs measured no better
+        kind, block_m, warps, post, stages, per_sm = "ring", 8 if m <= 8 else 16, 4, True, 3, 4
+    elif m <= 8:  # X through shared memory unless M = 1 (one 128-bit load per lane instead of 16 per tile)
         kind, block_m, warps, post, smem, stages, per_sm = "mma", 8, 4, True, m > 1, 0, 8
     elif not hopper:
         kind, block_m, warps, stages, per_sm = "mma", min(64, triton.next_power_of_2(m)), 8, 0, 4
@@ -422,7 +536,7 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True):
         block_m, warps, per_sm = 128, 8, 1
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 16 * r * warps)
     # small grids leave SMs idle: split K (wgmma: at least 4 of its 128-wide tiles per split, to fill the ring)
-    split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles if kind == "mma" else k_tiles // 4))
+    split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles if kind != "wgmma" else k_tiles // 4))
     return kind, block_m, r, warps, split, post, smem, stages
 
 
@@ -462,7 +576,10 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     k_tiles = qweight.shape[1] // WORDS_PER_TILE
     cap = torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0)
     sms = sm_count(x.device.index) if x.is_cuda else 4
-    kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9)
+    aligned = n % 16 == 0 and k % 16 == 0  # the ring kernel's 16-byte copies
+    kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9, aligned)
+    if kind == "ring" and not aligned:
+        raise FourbitError(f"the ring kernel needs N and K in multiples of 16 (got {n}, {k}): choose another config")
     per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per_split)
     atomic = split > 1
@@ -483,6 +600,11 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
             x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], X_SMEM_LAYOUT)
             _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m,
                                       R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
+        elif kind == "ring":
+            if x.data_ptr() % 16:
+                x = x.clone()
+            _w4a16_ring_kernel[grid](x, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m, R=r,
+                                     NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
         else:
             _w4a16_mma_kernel[grid](*args, out, *sizes, ws, count, GS=group_size, POST_SCALE=post, X_SMEM=smem,
                                     EVEN_K=k % K_TILE == 0, BLOCK_M=block_m, R=r, NUM_WARPS=warps,
