@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from fourbit.bench import result_stem
+from fourbit.bench import result_stem, run_meta
 from fourbit.bench_e2e import _serve
 
 
@@ -92,8 +92,6 @@ def main():
     p.add_argument("--port", type=int, default=8714)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
-    import torch
-
     from fourbit.models.loader import PRESETS
 
     proc = _serve(args.preset, args.scheme, args.port, max_model_len=1024)
@@ -104,9 +102,8 @@ def main():
         proc.terminate()
         proc.wait(60)
     passed = r["error_count"] == 0 and r["memory_drift"] <= 0.01 and r["in_flight_after"] == 0
-    gpu = torch.cuda.get_device_name()
-    r.update(gpu=gpu, date=time.strftime("%Y-%m-%d"), preset=args.preset, scheme=args.scheme, clients=args.clients,
-             passed=passed)
+    r.update(run_meta(preset=args.preset, scheme=args.scheme, clients=args.clients, passed=passed))
+    gpu = r["gpu"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = result_stem(gpu, "soak")

@@ -1,8 +1,8 @@
 """Sweep the W4A16 kernels' configs on Llama layer shapes; prints the best per (shape, M) and the default.
 
 python benchmarks/tune_w4a16.py [--shapes ...] [--m ...] (GPU). Weights rotate beyond L2 and calls are timed as
-CUDA graphs, as in fourbit bench gemm. Also times the mma kernel at the default tile shape with and without the
-dequantized tile written to and re-read from shared memory (`round trip`, what QUICK removes).
+CUDA graphs, as in fourbit bench gemm. Also times the mma kernel (at the config it gets off Hopper) with and without
+the dequantized tile written to and re-read from shared memory (`round trip`, what QUICK removes).
 """
 import itertools
 
@@ -75,9 +75,7 @@ def main(shapes, ms, budget):
             base = gpu_ms(lambda x, d: x @ d.t(), dense, x)
             default = mod._config(m, n, k // 128, sms)
             t_def = time_cfg(layer, copies, x, n, k, default)
-            bm = 8 if m <= 8 else 64
-            mma = ("mma", bm, 1, 4 if m <= 8 else 8, max(1, min(4 * sms // (triton.cdiv(m, bm) * triton.cdiv(n, 64)), k // 128)),
-                   m <= 8, m > 1, 0)
+            mma = mod._config(m, n, k // 128, sms, hopper=False, aligned=False)  # the mma kernel's config
             t_mma = time_cfg(layer, copies, x, n, k, mma)
             t_rt = time_cfg(layer, copies, x, n, k, mma, ROUND_TRIP=True)
             pool = candidates(m, k // 128, n, sms)

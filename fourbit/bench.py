@@ -95,10 +95,7 @@ def _methods(n: int, k: int, group_size: int):
 
 
 def run_gemm_bench(shapes=None, m_values=M_VALUES, group_size: int = 128, out_dir: str | Path | None = None):
-    import triton
-
     bandwidth, flops_rate = _ceilings()
-    gpu = torch.cuda.get_device_name()
     rows = []
     for shape in shapes or SHAPES:
         n, k = SHAPES[shape]
@@ -114,12 +111,19 @@ def run_gemm_bench(shapes=None, m_values=M_VALUES, group_size: int = 128, out_di
                          "fraction_of_floor": floor_ms / times["fourbit w4a16"]})
             print(f"{shape:>16} M={m:<5} " + "  ".join(f"{name} {base / t:5.2f}x" for name, t in times.items())
                   + f"  | fourbit at {100 * rows[-1]['fraction_of_floor']:.0f}% of floor", flush=True)
-    meta = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "group_size": group_size,
-            "measured_copy_bandwidth_TBps": bandwidth / 1e12, "measured_bf16_TFLOPs": flops_rate / 1e12}
+    meta = run_meta(group_size=group_size, measured_copy_bandwidth_TBps=bandwidth / 1e12,
+                    measured_bf16_TFLOPs=flops_rate / 1e12)
     if out_dir is not None:
         write_results(Path(out_dir), meta, rows)
     return meta, rows
+
+
+def run_meta(**extra) -> dict:
+    """What every results file says of its run: GPU, date, versions, plus `extra`."""
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), **extra}
 
 
 def result_stem(gpu: str, what: str) -> str:

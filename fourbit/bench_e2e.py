@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from .bench import _ceilings, result_stem
+from .bench import _ceilings, result_stem, run_meta
 from .config import EngineConfig, SamplingParams, W4A16Config
 
 DECODE_PROMPT, DECODE_NEW = 128, 256
@@ -158,14 +157,10 @@ def bench_transformers(preset: str, seed: int = 0) -> dict:
 
 
 def run_e2e_bench(presets, schemes=("bf16", "w4a16"), peer: bool = True, out_dir=None, seed: int = 0) -> dict:
-    import triton
-
     bandwidth, _ = _ceilings()
-    gpu = torch.cuda.get_device_name()
-    meta = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "measured_copy_bandwidth_TBps": bandwidth / 1e12,
-            "decode": f"batch 1, prompt {DECODE_PROMPT}, {DECODE_NEW} new tokens",
-            "throughput": f"prompt {TP_PROMPT}, {TP_NEW} new tokens, all requests at once"}
+    meta = run_meta(measured_copy_bandwidth_TBps=bandwidth / 1e12,
+                    decode=f"batch 1, prompt {DECODE_PROMPT}, {DECODE_NEW} new tokens",
+                    throughput=f"prompt {TP_PROMPT}, {TP_NEW} new tokens, all requests at once")
     rows = []
     for preset in presets:
         runs = [lambda s=s: bench_engine(preset, s, bandwidth, seed) for s in schemes]
@@ -203,7 +198,6 @@ def write_e2e(out_dir: Path, meta: dict, rows: list):
         old = json.loads(path.read_text())
         kept = [{"date": old["meta"]["date"], **r} for r in old["rows"] if (r["preset"], r["scheme"]) not in ran]
         rows = sorted(kept + rows, key=lambda r: (r["preset"], r["scheme"] != "bf16", r["scheme"] != "w4a16"))
-        meta = {**meta, "sweep": old["meta"].get("sweep")} if old["meta"].get("sweep") else meta
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# End-to-end serving on {meta['gpu']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}; dummy (random-weight) models, greedy, EOS ignored. "
@@ -292,7 +286,7 @@ async def _client(url: str, prompts, rate: float, seed: int) -> dict:
             "tpot_ms_median": 1e3 * pct(tpot, 0.5), "tpot_ms_p99": 1e3 * pct(tpot, 0.99)}
 
 
-def _serve(preset: str, scheme: str, port: int, max_model_len: int = SWEEP_PROMPT + SWEEP_NEW, device=None):
+def _serve(preset: str, scheme: str, port: int, max_model_len: int = SWEEP_PROMPT + SWEEP_NEW):
     """`fourbit serve dummy:<preset>` in a subprocess; returns it once /health answers."""
     import subprocess
     import sys
@@ -301,8 +295,7 @@ def _serve(preset: str, scheme: str, port: int, max_model_len: int = SWEEP_PROMP
     import httpx
 
     cmd = [sys.executable, "-m", "fourbit.cli", "serve", f"dummy:{preset}", "--scheme", scheme, "--port", str(port),
-           "--max-model-len", str(max_model_len), "--max-num-batched-tokens", "8192"] + \
-        (["--device", device] if device else [])
+           "--max-model-len", str(max_model_len), "--max-num-batched-tokens", "8192"]
     log = tempfile.TemporaryFile("w+")  # the server's log (a line per request): shown only if it fails
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
@@ -346,11 +339,10 @@ def run_sweep(presets, schemes=("bf16", "w4a16"), out_dir=None, port: int = 8713
 
 
 def _write_sweep(out_dir: Path, rows: list):
-    gpu = torch.cuda.get_device_name()
+    meta = run_meta(setup=f"`fourbit serve dummy:<preset>`, {SWEEP_REQUESTS} streaming /v1/completions per rate, "
+                          f"prompt {SWEEP_PROMPT} random tokens, {SWEEP_NEW} new tokens, Poisson arrivals")
+    gpu = meta["gpu"]
     stem = result_stem(gpu, "e2e-sweep")
-    meta = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "setup": f"`fourbit serve dummy:<preset>`, {SWEEP_REQUESTS} streaming /v1/completions per rate, prompt "
-                     f"{SWEEP_PROMPT} random tokens, {SWEEP_NEW} new tokens, Poisson arrivals"}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# Serving sweep on {gpu}, {meta['date']}", "", meta["setup"] + f"; torch {meta['torch']}.", "",

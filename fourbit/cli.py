@@ -207,7 +207,7 @@ def cmd_generate(args):
     from .config import SamplingParams
     from .errors import FourbitError
     from .models.generate import generate
-    from .models.tokenizer import prompt_ids
+    from .models.tokenizer import TextStream, prompt_ids
 
     model = load_for_cli(args)
     tok = _tokenizer(args, model)
@@ -216,34 +216,26 @@ def cmd_generate(args):
         raise FourbitError("the prompt is empty and the tokenizer has no BOS token: pass --prompt TEXT")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     new: list[int] = []
-    printed = [""]
-    prefix = tok.decode(prompt)
+    text = TextStream(tok, prompt)  # decoded after the prompt: the first word keeps its leading space
 
-    def continuation() -> str:
-        # Decode with the prompt so the first new word keeps its leading space (SentencePiece strips it).
-        full = tok.decode(prompt + new)
-        return full[len(prefix):] if full.startswith(prefix) else tok.decode(new)
-
-    def stream(_row, token):  # print the text as it grows; hold back a partial UTF-8 character
-        new.append(token)
-        text = continuation()
-        if not args.json and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed[0]):])
+    def show(piece: str):
+        if not args.json:
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            printed[0] = text
+
+    def stream(_row, token):  # print the text as it grows (a partial UTF-8 character waits for its rest)
+        new.append(token)
+        show(text.add([token], final=False))
 
     t0 = time.perf_counter()
     generate(model, [prompt], params, seed=args.seed, on_token=stream)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    text = continuation()
+    show(text.add([], final=True))
     if args.json:
-        print(json.dumps({"text": text, "prompt_tokens": len(prompt), "new_tokens": len(new),
+        print(json.dumps({"text": text.text, "prompt_tokens": len(prompt), "new_tokens": len(new),
                           "seconds": round(seconds, 3), "tokens_per_s": round(len(new) / seconds, 2)}))
-    else:
-        sys.stdout.write(text[len(printed[0]):])
-        sys.stdout.flush()
 
 
 def cmd_ppl(args):

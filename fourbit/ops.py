@@ -4,6 +4,7 @@ Each op runs its GPU kernel when there is one for the inputs and its torch refer
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -11,20 +12,19 @@ import torch
 from .kernels import ref
 
 
-def _on_gpu(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels take x: a CUDA tensor in a 16-bit float dtype (the rest runs the torch twin)."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+def _impl(module: str, name: str, x: torch.Tensor):
+    """The function that computes op `name` for x: the Triton kernel kernels/<module>.py `name` for a CUDA tensor
+    in a 16-bit float dtype, the torch twin ref.<name>_ref otherwise (triton is imported only where a GPU runs)."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return getattr(importlib.import_module(f".kernels.{module}", __package__), name)
+    return getattr(ref, f"{name}_ref")
 
 
 @torch.library.custom_op("fourbit::w4a16_gemm", mutates_args=())
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                group_size: int, n: int, k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias); see kernels/ref.py for the math and formats/quick.py for W."""
-    if _on_gpu(x):
-        from .kernels.w4a16_gemm import w4a16_gemm as kernel  # triton imports only where a GPU runs it
-
-        return kernel(x, qweight, scales, zeros, group_size, n, k, bias)
-    return ref.w4a16_gemm_ref(x, qweight, scales, zeros, group_size, n, k, bias)
+    return _impl("w4a16_gemm", "w4a16_gemm", x)(x, qweight, scales, zeros, group_size, n, k, bias)
 
 
 @w4a16_gemm.register_fake
@@ -37,12 +37,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     seq_lens: torch.Tensor, query_start: torch.Tensor, max_query_len: int, scale: float,
                     sliding_window: Optional[int] = None) -> torch.Tensor:
     """Causal attention of new tokens q (T, Hq, D) over a paged KV cache; see kernels/paged_attention.py."""
-    if _on_gpu(q):
-        from .kernels.paged_attention import paged_attention as kernel
-
-        return kernel(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len, scale, sliding_window)
-    return ref.paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len, scale,
-                                   sliding_window)
+    return _impl("paged_attention", "paged_attention", q)(q, k_cache, v_cache, block_tables, seq_lens, query_start,
+                                                          max_query_len, scale, sliding_window)
 
 
 @paged_attention.register_fake
@@ -55,11 +51,7 @@ def _(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len, s
 @torch.library.custom_op("fourbit::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., N) -> x · rsqrt(mean(x²) + eps) · weight in x's dtype, computed in float32."""
-    if _on_gpu(x):
-        from .kernels.fused import rms_norm as kernel
-
-        return kernel(x, weight, eps)
-    return ref.rms_norm_ref(x, weight, eps)
+    return _impl("fused", "rms_norm", x)(x, weight, eps)
 
 
 @rms_norm.register_fake
@@ -71,11 +63,7 @@ def _(x, weight, eps):
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (rms_norm(s), s), s = x + residual in x's dtype: a residual add and the norm after it in one pass."""
-    if _on_gpu(x):
-        from .kernels.fused import add_rms_norm as kernel
-
-        return kernel(x, residual, weight, eps)
-    return ref.add_rms_norm_ref(x, residual, weight, eps)
+    return _impl("fused", "add_rms_norm", x)(x, residual, weight, eps)
 
 
 @add_rms_norm.register_fake
@@ -87,11 +75,7 @@ def _(x, residual, weight, eps):
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q (T, Hq, D), k (T, Hkv, D) rotated by cos, sin (T, D/2): interleaved pairs or rotate-half."""
-    if _on_gpu(q):
-        from .kernels.fused import rope as kernel
-
-        return kernel(q, k, cos, sin, interleaved)
-    return ref.rope_ref(q, k, cos, sin, interleaved)
+    return _impl("fused", "rope", q)(q, k, cos, sin, interleaved)
 
 
 @rope.register_fake
@@ -102,11 +86,7 @@ def _(q, k, cos, sin, interleaved):
 @torch.library.custom_op("fourbit::silu_mul", mutates_args=())
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up (..., H) in gate's dtype; gate and up may be strided halves of a fused gate_up output."""
-    if _on_gpu(gate):
-        from .kernels.fused import silu_mul as kernel
-
-        return kernel(gate, up)
-    return ref.silu_mul_ref(gate, up)
+    return _impl("fused", "silu_mul", gate)(gate, up)
 
 
 @silu_mul.register_fake
@@ -118,11 +98,7 @@ def _(gate, up):
 def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slots: torch.Tensor) -> None:
     """Store k, v (T, Hkv, D) at slots (T,) of the paged caches (num_blocks, Hkv, block_size, >= D)."""
-    if _on_gpu(k_cache):
-        from .kernels.fused import paged_kv_write as kernel
-
-        return kernel(k, v, k_cache, v_cache, slots)
-    return ref.paged_kv_write_ref(k, v, k_cache, v_cache, slots)
+    return _impl("fused", "paged_kv_write", k_cache)(k, v, k_cache, v_cache, slots)
 
 
 @paged_kv_write.register_fake

@@ -199,13 +199,6 @@ def test_async_engine_crash_answers_every_request(model, tokenizer):
     assert all(isinstance(r, EngineError) for r in results), results
 
 
-def test_cache_head_dims_match_the_kernel():
-    from fourbit.kernels.paged_attention import HEAD_DIMS
-    from fourbit.models.attention import PAGED_HEAD_DIMS
-
-    assert PAGED_HEAD_DIMS == HEAD_DIMS
-
-
 def test_decode_bucket_path_on_cpu(model, tokenizer):
     """The CUDA-graph decode path's bookkeeping (static buffers, padding rows written to the scratch block with
     seq_len 0, block tables padded to max_model_len) on a CPU: each "graph" replays the captured call eagerly."""

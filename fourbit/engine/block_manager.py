@@ -42,8 +42,8 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest release first
         self._cached: dict[tuple[int, tuple[int, ...]], int] = {}  # key -> block id of every published block
-        self._key: dict[int, tuple[int, tuple[int, ...]]] = {}  # block id -> its key (published blocks only)
-        self._uid: dict[int, int] = {}  # block id -> uid of its content (published blocks only)
+        # block id -> (its key, the uid of its content), published blocks only
+        self._pub: dict[int, tuple[tuple[int, tuple[int, ...]], int]] = {}
         self._next_uid = 0
         # per sequence: content uids of its leading full computed blocks, in order (the parent chain for the
         # next block's key). A block that duplicated an already published one stays private but takes that
@@ -77,7 +77,7 @@ class BlockManager:
                 del self._evictable[block]
             self._ref[block] += 1
             seq.block_table.append(block)
-            parent = self._uid[block]
+            parent = self._pub[block][1]
             uids.append(parent)
         if uids:
             self._seq_uids[seq] = uids
@@ -114,12 +114,11 @@ class BlockManager:
             key = (uids[-1] if uids else _ROOT, tuple(tokens[i * bs:(i + 1) * bs]))
             twin = self._cached.get(key)
             if twin is not None:  # computed concurrently by another sequence: keep ours private, share the uid
-                uids.append(self._uid[twin])
+                uids.append(self._pub[twin][1])
                 continue
             block = seq.block_table[i]
             self._cached[key] = block
-            self._key[block] = key
-            self._uid[block] = self._next_uid
+            self._pub[block] = key, self._next_uid
             uids.append(self._next_uid)
             self._next_uid += 1
 
@@ -129,7 +128,7 @@ class BlockManager:
         for block in reversed(seq.block_table):
             self._ref[block] -= 1
             if self._ref[block] == 0:
-                if block in self._key:
+                if block in self._pub:
                     self._evictable[block] = None
                 else:
                     self._free.append(block)
@@ -142,8 +141,7 @@ class BlockManager:
             block = self._free.popleft()
         else:  # evict the least recently released cached block; its key dies with it (see module docstring)
             block, _ = self._evictable.popitem(last=False)
-            del self._cached[self._key.pop(block)]
-            del self._uid[block]
+            del self._cached[self._pub.pop(block)[0]]
         self._ref[block] = 1
         return block
 
@@ -166,14 +164,12 @@ class BlockManager:
                 fail(f"block {b} has ref count {ref}")
             if (ref == 0) != (b in free or b in evictable):
                 fail(f"block {b} has ref count {ref} but free={b in free}, cached={b in evictable}")
-            if b in free and b in self._key:
+            if b in free and b in self._pub:
                 fail(f"free block {b} is still published")
-            if b in evictable and b not in self._key:
+            if b in evictable and b not in self._pub:
                 fail(f"cached block {b} is not published")
-        if len(self._cached) != len(self._key) or any(self._cached.get(k) != b for b, k in self._key.items()):
+        if len(self._cached) != len(self._pub) or any(self._cached.get(k) != b for b, (k, _) in self._pub.items()):
             fail("the key -> block and block -> key maps disagree")
-        if self._uid.keys() != self._key.keys():
-            fail("published blocks without a uid, or uids of unpublished blocks")
         if seqs is None:
             return
         seqs = list(seqs)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..config import EngineConfig, SamplingParams
 from ..errors import FourbitError
 from ..models.llama import LlamaModel
-from ..models.tokenizer import Tokenizer, prompt_ids
+from ..models.tokenizer import TextStream, Tokenizer, prompt_ids
 from ..nn.fuse import fuse_projections_
 from .block_manager import BlockManager
 from .runner import Runner
@@ -64,13 +64,13 @@ class LLM:
         self.config = config = config or EngineConfig()
         self.max_model_len = min(config.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
         self.runner = Runner(model, config, self.max_model_len, seed)
-        cache_tokens = self.runner.num_blocks * config.block_size
-        if cache_tokens < self.max_model_len:  # one sequence must fit the cache alone, or it could never finish
-            warnings.warn(f"the KV cache holds {cache_tokens} tokens, fewer than max_model_len="
-                          f"{self.max_model_len}: sequences are limited to {cache_tokens} tokens", stacklevel=2)
-            self.max_model_len = cache_tokens
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.prefix_sharing)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len, model.config.eos_ids)
+        if self.scheduler.max_model_len < self.max_model_len:  # the scheduler caps a sequence at the whole cache
+            warnings.warn(f"the KV cache holds {self.scheduler.max_model_len} tokens, fewer than max_model_len="
+                          f"{self.max_model_len}: sequences are limited to {self.scheduler.max_model_len} tokens",
+                          stacklevel=2)
+            self.max_model_len = self.scheduler.max_model_len
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0}
 
@@ -93,8 +93,7 @@ class LLM:
         return seq
 
     def abort(self, seq_id: int) -> None:
-        if self.scheduler.abort(seq_id) is not None:
-            self.runner.forget(seq_id)
+        self.scheduler.abort(seq_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work
@@ -130,11 +129,7 @@ class LLM:
         self.stats["steps"] += 1
         key = "decode_tokens" if batch.is_decode else "prefill_tokens"
         self.stats[key] += sum(batch.num_new)
-        events = self.scheduler.update(batch, sampled)
-        for seq in events:
-            if seq.status is SeqStatus.FINISHED:
-                self.runner.forget(seq.seq_id)
-        return events
+        return self.scheduler.update(batch, sampled)
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = True) -> list[Completion]:
@@ -154,16 +149,10 @@ class LLM:
                     if seq.status is SeqStatus.FINISHED:
                         bar.update(1)
                 bar.set_postfix_str(f"{produced / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
-        return [Completion(s.prompt, list(s.output), self._continuation(s.prompt, s.output), s.finish_reason)
-                for s in seqs]
+        def text(s):  # as it continues the prompt (a SentencePiece first word keeps its leading space)
+            return None if self.tokenizer is None else TextStream(self.tokenizer, s.prompt).add(s.output, final=True)
 
-    def _continuation(self, prompt, output):
-        """The output's text as it continues the prompt: decoded after the prompt's last token, so a SentencePiece
-        word keeps the leading space it has there (decoded alone, the first word loses it)."""
-        if self.tokenizer is None:
-            return None
-        head, full = self.tokenizer.decode(prompt[-1:]), self.tokenizer.decode(prompt[-1:] + output)
-        return full[len(head):] if full.startswith(head) else self.tokenizer.decode(output)
+        return [Completion(s.prompt, list(s.output), text(s), s.finish_reason) for s in seqs]
 
 
 # -- the async engine the server drives ------------------------------------------------------------------------
@@ -183,6 +172,27 @@ class EngineError(FourbitError):
     """The engine thread stopped on an error (e.g. a device fault); no request can be served."""
 
 
+@dataclass(eq=False)
+class _Request:
+    """One AsyncLLM request as both threads see it: what to run, where its outputs go, what was delivered."""
+    prompt: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    seq: Sequence | None = None  # once the engine thread has queued it
+    sent: int = 0  # output tokens delivered
+    done: bool = False  # its last item is sent (or its consumer left): nothing more goes out
+
+    def send(self, item: RequestOutput | BaseException):
+        if self.done:
+            return
+        self.done = isinstance(item, BaseException) or item.finish_reason is not None
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (server gone)
+            pass
+
+
 class AsyncLLM:
     """An LLM stepping on its own thread. generate() is called from the asyncio loop; requests and aborts cross
     to the engine thread through a queue, outputs come back through each request's asyncio.Queue."""
@@ -191,8 +201,7 @@ class AsyncLLM:
         self.llm, self.model_name = llm, model_name
         self.tokenizer, self.max_model_len = llm.tokenizer, llm.max_model_len
         self.max_queued = llm.config.max_queued
-        self._inbox: queue.Queue = queue.Queue()  # ("add", seq_args, out queue) | ("abort", request key)
-        self._outs: dict[object, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._inbox: queue.Queue = queue.Queue()  # ("add" | "abort", _Request), None to wake the thread up
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -223,25 +232,20 @@ class AsyncLLM:
         return self.llm.encode(text)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come; a prompt the engine cannot serve raises its FourbitError."""
         if self._error is not None:
             raise EngineError(f"the engine stopped after an error: {self._error!r}")
         if self._in_flight >= self.max_queued:
             raise QueueFull(f"{self._in_flight} requests in flight (max_queued={self.max_queued}): retry later")
-        if not prompt_ids:
-            raise FourbitError("the prompt is empty: pass at least one token")
-        if len(prompt_ids) + 1 > self.max_model_len:
-            raise FourbitError(f"the prompt has {len(prompt_ids)} tokens; this engine serves at most "
-                               f"{self.max_model_len} per sequence (prompt + output): shorten the prompt")
-        loop, out = asyncio.get_running_loop(), asyncio.Queue()
-        key = object()
+        req = _Request(list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue())
         self._in_flight += 1
-        self._inbox.put(("add", key, (list(prompt_ids), params), loop, out))
+        self._inbox.put(("add", req))
         done = False
         try:
             if self._error is not None:  # the engine thread failed while this request was being queued
                 raise EngineError(f"the engine stopped after an error: {self._error!r}")
             while True:
-                item = await out.get()
+                item = await req.out.get()
                 if isinstance(item, BaseException):
                     raise item
                 done = item.finish_reason is not None
@@ -251,53 +255,47 @@ class AsyncLLM:
         finally:
             self._in_flight -= 1
             if not done:  # the consumer left early (client gone, task cancelled): free the request's blocks
-                self._inbox.put(("abort", key))
+                self._inbox.put(("abort", req))
 
     # -- engine thread --------------------------------------------------------------------------------------
     def _loop(self):
-        live: dict[object, Sequence] = {}  # request key -> sequence
-        owner: dict[int, object] = {}  # seq_id -> request key
-        sent: dict[int, int] = {}  # seq_id -> output tokens delivered
+        live: dict[int, _Request] = {}  # seq_id -> request, while its sequence is queued or running
         try:
             while not self._stop.is_set():
-                self._drain(live, owner, sent, block=not self.llm.has_work())
+                self._drain(live, block=not self.llm.has_work())
                 if not self.llm.has_work():
                     continue
                 for seq in self.llm.step():
-                    key = owner.get(seq.seq_id)
-                    if key is None:
-                        continue
+                    req = live[seq.seq_id]
                     finished = seq.status is SeqStatus.FINISHED
-                    self._send(key, RequestOutput(seq.output[sent[seq.seq_id]:], seq.finish_reason if finished
-                                                  else None, len(seq.prompt), seq.num_cached))
-                    sent[seq.seq_id] = len(seq.output)
+                    req.send(RequestOutput(seq.output[req.sent:], seq.finish_reason if finished else None,
+                                           len(seq.prompt), seq.num_cached))
+                    req.sent = len(seq.output)
                     if finished:
-                        del live[key], owner[seq.seq_id], sent[seq.seq_id]
+                        del live[seq.seq_id]
         except BaseException as e:  # a device error: fail every request instead of hanging them
             self._error = e  # set first: generate() checks it after queueing, so no request waits forever
             error = EngineError(f"engine error: {e!r}")
-            for key in list(live):
-                self._send(key, error)
-            self._answer_inbox(lambda prompt: error)
+            for req in live.values():
+                req.send(error)
+            self._answer_inbox(lambda req: error)
             raise
-        for key, seq in live.items():  # shut down with requests still running
-            self.llm.abort(seq.seq_id)
-            self._send(key, RequestOutput([], "abort", len(seq.prompt), seq.num_cached))
-        self._answer_inbox(lambda prompt: RequestOutput([], "abort", len(prompt), 0))
+        for req in live.values():  # shut down with requests still running
+            self.llm.abort(req.seq.seq_id)
+            req.send(RequestOutput([], "abort", len(req.prompt), req.seq.num_cached))
+        self._answer_inbox(lambda req: RequestOutput([], "abort", len(req.prompt), 0))
 
     def _answer_inbox(self, answer):
-        """Answer the requests still queued for a stopped engine thread with answer(prompt)."""
+        """Answer the requests still queued for a stopped engine thread with answer(request)."""
         while True:
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
             if msg is not None and msg[0] == "add":
-                _, key, (prompt, _params), loop, out = msg
-                self._outs[key] = (loop, out)
-                self._send(key, answer(prompt))
+                msg[1].send(answer(msg[1]))
 
-    def _drain(self, live, owner, sent, block: bool):
+    def _drain(self, live: dict[int, _Request], block: bool):
         while True:
             try:
                 msg = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
@@ -306,30 +304,15 @@ class AsyncLLM:
             block = False
             if msg is None:
                 return
-            if msg[0] == "add":
-                _, key, (prompt, params), loop, out = msg
-                self._outs[key] = (loop, out)
+            kind, req = msg
+            if kind == "add":
                 try:
-                    seq = self.llm.add_request(prompt, params)
+                    req.seq = self.llm.add_request(req.prompt, req.params)
                 except FourbitError as e:
-                    self._send(key, e)
+                    req.send(e)
                     continue
-                live[key], owner[seq.seq_id], sent[seq.seq_id] = seq, key, 0
-            else:
-                seq = live.pop(msg[1], None)
-                self._outs.pop(msg[1], None)
-                if seq is not None:
-                    self.llm.abort(seq.seq_id)
-                    del owner[seq.seq_id], sent[seq.seq_id]
-
-    def _send(self, key, item):
-        target = self._outs.get(key)
-        if target is None:
-            return
-        loop, out = target
-        if isinstance(item, BaseException) or item.finish_reason is not None:
-            del self._outs[key]
-        try:
-            loop.call_soon_threadsafe(out.put_nowait, item)
-        except RuntimeError:  # the event loop is closed (server gone)
-            pass
+                live[req.seq.seq_id] = req
+            else:  # "abort": its consumer is gone (an add always comes first, from the same coroutine)
+                req.done = True
+                if req.seq is not None and live.pop(req.seq.seq_id, None) is req:
+                    self.llm.abort(req.seq.seq_id)

@@ -32,7 +32,6 @@ class Runner:
         self.cache = PagedKVCache(model.config, self._num_blocks() + 1, config.block_size, model.dtype, self.device)
         self.num_blocks = self.cache.num_blocks - 1  # the scheduler's; the last block is the scratch block
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self._seeded: dict[int, torch.Generator] = {}  # seq_id -> generator of requests with their own seed
         # bucket -> (graph, its static inputs, its logits, their argmax); page-locked staging for the inputs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor, torch.Tensor]] = {}
         self._pinned: dict[int, dict[str, torch.Tensor]] = {}
@@ -135,10 +134,6 @@ class Runner:
                 out[i] = t
         return out
 
-    def forget(self, seq_id: int):
-        """Drop the sampling state of a finished request."""
-        self._seeded.pop(seq_id, None)
-
     def _sample(self, logits, seqs, greedy=None) -> list[int]:
         """logits (S, V) float32 -> one token per sequence, each with its own SamplingParams. greedy: the
         logits' argmax when already computed (a decode graph's)."""
@@ -156,10 +151,9 @@ class Runner:
             for j, x in enumerate(p):
                 if x.seed is not None:
                     seq = seqs[hot[j]]
-                    gen = self._seeded.get(seq.seq_id)
-                    if gen is None:
-                        gen = self._seeded[seq.seq_id] = torch.Generator(device=logits.device).manual_seed(x.seed)
-                    out[hot[j]] = torch.multinomial(probs[j:j + 1], 1, generator=gen)[0, 0]
+                    if seq.generator is None:
+                        seq.generator = torch.Generator(device=logits.device).manual_seed(x.seed)
+                    out[hot[j]] = torch.multinomial(probs[j:j + 1], 1, generator=seq.generator)[0, 0]
         return out.tolist()
 
     # -- CUDA graphs ----------------------------------------------------------------------------------------

@@ -49,18 +49,15 @@ def _order(seq: Sequence):
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int,
                  eos_ids: Iterable[int]):
-        if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
-            raise FourbitError(f"max_num_seqs ({config.max_num_seqs}) and max_num_batched_tokens "
-                               f"({config.max_num_batched_tokens}) must be >= 1")
         if config.block_size != block_manager.block_size:
             raise FourbitError(f"EngineConfig.block_size={config.block_size} differs from the block manager's "
                                f"{block_manager.block_size}: build both from the same config")
         self.config = config
         self.bm = block_manager
-        self.max_model_len = max_model_len
         # A sequence can never outgrow the whole cache: past it, even alone it could not get a block. Such a
         # sequence finishes with "length" there, as at max_model_len.
-        self._len_limit = min(max_model_len, block_manager.num_blocks * block_manager.block_size)
+        self.max_model_len = min(max_model_len, block_manager.num_blocks * block_manager.block_size)
+        self._asked_len = max_model_len  # as configured (error messages name what the prompt exceeds)
         self.eos_ids = frozenset(int(t) for t in eos_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by (arrival, seq_id): oldest first
@@ -84,13 +81,11 @@ class Scheduler:
         if n == 0:
             raise FourbitError("empty prompt: a request needs at least one token (e.g. the BOS token)")
         if n + 1 > self.max_model_len:
-            raise FourbitError(f"prompt of {n} tokens leaves no room for a new token within max_model_len="
-                               f"{self.max_model_len}: shorten the prompt to at most {self.max_model_len - 1} "
-                               f"tokens or raise max_model_len")
-        if cdiv(n + 1, bs) > self.bm.num_blocks:
-            raise FourbitError(f"prompt of {n} tokens needs {cdiv(n + 1, bs)} KV blocks of {bs} tokens but the cache "
-                               f"has num_blocks={self.bm.num_blocks}: shorten the prompt or give the KV cache more "
-                               f"memory (num_blocks / kv_cache_memory)")
+            limit = (f"max_model_len={self._asked_len}" if n + 1 > self._asked_len else
+                     f"the KV cache's num_blocks={self.bm.num_blocks} of {bs} tokens")
+            raise FourbitError(f"prompt of {n} tokens leaves no room for a new token within {limit}: shorten the "
+                               f"prompt to at most {self.max_model_len - 1} tokens, or raise max_model_len or the "
+                               f"KV cache memory (num_blocks / kv_cache_memory)")
         if seq.seq_id in self._live:
             raise FourbitError(f"sequence id {seq.seq_id} is already queued or running: use a fresh id")
         if seq.status is not SeqStatus.WAITING or seq.output or seq.block_table:
@@ -176,7 +171,7 @@ class Scheduler:
                 self._finish(seq, "stop")
             else:
                 seq.output.append(int(token))
-                if len(seq.output) >= params.max_new_tokens or seq.num_tokens >= self._len_limit:
+                if len(seq.output) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
                     self._finish(seq, "length")
             out.append(seq)
         if any(s.status is SeqStatus.FINISHED for s in out):
@@ -216,7 +211,7 @@ class Scheduler:
                 fail(f"running sequence {s.seq_id} is {s.status} with {s.num_computed}/{s.num_tokens} computed")
             if len(s.block_table) != cdiv(s.num_computed, bs):
                 fail(f"sequence {s.seq_id}: {len(s.block_table)} blocks for {s.num_computed} computed tokens")
-            if s.num_tokens > self._len_limit or len(s.output) > s.params.max_new_tokens:
+            if s.num_tokens > self.max_model_len or len(s.output) > s.params.max_new_tokens:
                 fail(f"sequence {s.seq_id} outgrew its limits")
         live = list(self.waiting) + self.running
         if len(live) != len(self._live) or any(self._live.get(s.seq_id) is not s for s in live):

@@ -32,6 +32,7 @@ class Sequence:
     num_cached: int = 0  # prompt tokens served from shared prefix blocks at the last scheduling (stats)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None  # "stop" (EOS), "length" (max_new_tokens or max_model_len), "abort"
+    generator: object = None  # the torch.Generator of a request with its own seed (made at its first sample)
 
     def __post_init__(self):
         # plain ints: prefix sharing keys blocks by token tuples, and a tensor or numpy scalar would hash by

@@ -38,6 +38,7 @@ from starlette.routing import Route
 
 from ..config import SamplingParams
 from ..errors import FourbitError
+from ..models.tokenizer import TextStream
 from .llm import EngineError, QueueFull
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -335,7 +336,7 @@ class _Generation:
 
     def __init__(self, engine, job: _Job):
         self._outputs = engine.generate(job.prompt_ids, job.params)
-        self._text = _TextStream(engine.tokenizer, job.prompt_ids, job.stop)
+        self._text = TextStream(engine.tokenizer, job.prompt_ids, job.stop)
         self.prompt_tokens, self.completion_tokens, self.cached_tokens = len(job.prompt_ids), 0, 0
         self.finish_reason: str | None = None
         self._first = None
@@ -383,46 +384,6 @@ class _Generation:
         # shielded: this runs while the request is being cancelled, and the abort must still reach the engine
         with anyio.CancelScope(shield=True):
             await self._outputs.aclose()
-
-
-class _TextStream:
-    """Output tokens -> text pieces. Each add() decodes a short window ending at the newest token and emits what the
-    new tokens add to it, so the pieces concatenate to the decoded output: a SentencePiece word keeps its leading
-    space (decoded after the previous token, not at the start of a text), a character split over byte tokens is
-    held back while its text ends in U+FFFD, and so is a tail that may be the start of a stop string."""
-
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
-        self.tok, self.stop = tokenizer, stop
-        self.ids = list(prompt_ids[-1:])  # the last prompt token: context for the first output token
-        self.start, self.read = 0, len(self.ids)  # ids[start:read]: already in text, the context for what follows
-        self.text, self.sent = "", 0  # the output text so far; how much of it add() returned
-        self.stopped = False
-
-    def add(self, new_ids: list[int], final: bool) -> str:
-        self.ids += new_ids
-        if len(self.ids) > self.read:
-            head = self.tok.decode(self.ids[self.start:self.read])
-            full = self.tok.decode(self.ids[self.start:])
-            new = full[len(head):] if full.startswith(head) else self.tok.decode(self.ids[self.read:])
-            if final or not new.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
-                self.start, self.read = self.read, len(self.ids)
-                self._append(new)
-        end = len(self.text) if final or self.stopped else len(self.text) - self._stop_prefix()
-        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return piece
-
-    def _append(self, new: str) -> None:
-        old = len(self.text)
-        self.text += new
-        # only occurrences that end in the new text are new; the earliest one ends the output
-        hits = [i for s in self.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-
-    def _stop_prefix(self) -> int:
-        """Length of the longest tail of text that a stop string starts with (it may complete with the next token)."""
-        return max((k for s in self.stop for k in range(min(len(s) - 1, len(self.text)), 0, -1)
-                    if self.text.endswith(s[:k])), default=0)
 
 
 # -- response bodies -------------------------------------------------------------------------------------------

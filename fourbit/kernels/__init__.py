@@ -2,6 +2,8 @@
 
 import functools
 
+HEAD_DIMS = (32, 64, 128, 256)  # the head dims the paged-attention kernel takes (the KV cache pads up to one)
+
 
 @functools.cache  # on the launch path of every kernel that sizes its grid by the SM count
 def sm_count(device_index: int) -> int:

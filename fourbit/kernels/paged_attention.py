@@ -42,9 +42,8 @@ import triton
 import triton.language as tl
 
 from ..errors import FourbitError
-from . import sm_count
+from . import HEAD_DIMS, sm_count
 
-HEAD_DIMS = (32, 64, 128, 256)
 LOG2E = 1.4426950408889634
 
 

@@ -31,12 +31,12 @@ def w4a16_gemm_ref(x, qweight, scales, zeros, group_size: int, n: int, k: int, b
 
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len: int,
-                        scale: float, sliding_window: int | None = None, out=None) -> torch.Tensor:
+                        scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of the new tokens q (T, Hq, D) over a paged KV cache (kernels/paged_attention.py has
     the math): each sequence's keys/values gathered from its blocks in float32 (float64 for float64 q), query j
     of sequence s at position p = seq_lens[s] - q_len + j attends keys 0..p (and > p - sliding_window).
     k_cache, v_cache (num_blocks, Hkv, block_size, D); block_tables (S, max_blocks); seq_lens (S,);
-    query_start (S+1,). Returns (T, Hq, D) in q's dtype (written into out when given); rows of a sequence with
+    query_start (S+1,). Returns (T, Hq, D) in q's dtype; rows of a sequence with
     seq_lens == 0 are zeros. Reads the metadata on the host (.tolist()): a reference, not for CUDA graphs."""
     t, hq, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
@@ -61,9 +61,7 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start
         scores = (qs @ k.transpose(1, 2) * scale).masked_fill(~allowed, float("-inf"))  # (Hq, q_len, n)
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no keys (bad lengths): zeros
         res[q0:q1] = (probs @ v).transpose(0, 1)
-    if out is None:
-        return res.to(q.dtype)
-    return out.copy_(res)
+    return res.to(q.dtype)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:

@@ -106,15 +106,20 @@ def _tile_halves(words, RB: gl.constexpr):
 
 
 @gluon.jit
+def _zero_pair(z, BF16: gl.constexpr):
+    """int32 zero points -> the half pair magic + z in both halves, what _dequant subtracts."""
+    magic: gl.constexpr = 0x4300 if BF16 else 0x6400
+    return (magic + z) * 0x10001
+
+
+@gluon.jit
 def _group_params(s_ptr, z_ptr, g, rows, ok, N, SYM: gl.constexpr, BF16: gl.constexpr, SCALE: gl.constexpr):
     """Group g's packed (magic + z) pair and, if SCALE, packed scale pair for `rows`: int32 (BN, 1) each.
     ok masks rows past N and groups past K (a K tail's last slices have no group: their X is zero)."""
-    magic: gl.constexpr = 0x4300 if BF16 else 0x6400
     if SYM:
-        zz = gl.full(rows.shape, (magic + 8) * 0x10001, gl.int32, layout=rows.type.layout)
+        zz = _zero_pair(gl.full(rows.shape, 8, gl.int32, layout=rows.type.layout), BF16)
     else:
-        z = gl.load(z_ptr + g * N + rows, mask=ok, other=0).to(gl.int32)
-        zz = (magic + z) * 0x10001
+        zz = _zero_pair(gl.load(z_ptr + g * N + rows, mask=ok, other=0).to(gl.int32), BF16)
     s2 = zz
     if SCALE:
         s = gl.load(s_ptr + g * N + rows, mask=ok, other=0)
@@ -318,7 +323,6 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
     BN: gl.constexpr = 16 * RB
     GPT: gl.constexpr = 1 if GS == -1 else 128 // GS  # groups per tile
     SPG: gl.constexpr = 8 if GS == -1 else GS // 16  # slices per group (per-channel: a tile's worth)
-    magic: gl.constexpr = 0x4300 if BF16 else 0x6400
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, 8])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -361,10 +365,9 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
             for a in gl.static_range(4):
                 if (4 * h + a) % SPG == 0:  # a new group starts at this slice
                     if SYM:
-                        zz = gl.full((BN, ), (magic + 8) * 0x10001, gl.int32, layout=z_l)
+                        zz = _zero_pair(gl.full((BN, ), 8, gl.int32, layout=z_l), BF16)
                     else:
-                        z = z_ring.index(stage * GPT + (4 * h + a) // SPG).load(z_l).to(gl.int32)
-                        zz = (magic + z) * 0x10001
+                        zz = _zero_pair(z_ring.index(stage * GPT + (4 * h + a) // SPG).load(z_l).to(gl.int32), BF16)
                     sc = s_ring.index(stage * GPT + (4 * h + a) // SPG).load(gl.SliceLayout(1, mma)).to(gl.float32)
                 lo, hi = _dequant(wh, zz[:, None], zz[:, None], a, BF16, False)
                 w = gl.convert_layout(gl.reshape(gl.join(lo, hi), (BN, 16)), a_l, assert_trivial=True)
@@ -566,6 +569,20 @@ def _split_workspace(device, numel: int, tiles: int):
     return ws, count
 
 
+def _aligned(n: int, k: int) -> bool:
+    """Whether the ring kernel takes these sizes (16-byte copies of X rows and of the group parameters)."""
+    return n % 16 == 0 and k % 16 == 0
+
+
+def kernel_for(device: torch.device, m: int, n: int, k: int) -> str:
+    """The kernel w4a16_gemm runs for an (m, n, k) product on a CUDA device."""
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0) or not GLUON_OK:
+        return "_w4a16_dot_kernel"
+    kind = _config(m, n, -(-k // K_TILE), sm_count(device.index), cap[0] == 9, _aligned(n, k))[0]
+    return f"_w4a16_{kind}_kernel"
+
+
 def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
     """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias) on the GPU (or under TRITON_INTERPRET=1). See the module doc.
 
@@ -576,9 +593,9 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     k_tiles = qweight.shape[1] // WORDS_PER_TILE
     cap = torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0)
     sms = sm_count(x.device.index) if x.is_cuda else 4
-    aligned = n % 16 == 0 and k % 16 == 0  # the ring kernel's 16-byte copies
-    kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9, aligned)
-    if kind == "ring" and not aligned:
+    kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9,
+                                                                          _aligned(n, k))
+    if kind == "ring" and not _aligned(n, k):
         raise FourbitError(f"the ring kernel needs N and K in multiples of 16 (got {n}, {k}): choose another config")
     per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per_split)
@@ -592,17 +609,15 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
         out = x.new_empty((m, n))
         grid = (triton.cdiv(n, N_TILE * r * warps), triton.cdiv(m, block_m), split)
         ws, count = _split_workspace(x.device, m * n, grid[0] * grid[1]) if atomic else (out, out)
+        if kind != "mma" and x.data_ptr() % 16:  # TMA and cp.async copy 16-byte aligned rows of X
+            x = x.clone()
         if kind == "wgmma":
-            if k % 8:  # TMA needs 16-byte aligned rows: zero columns pad K to a multiple of 8
+            if k % 8:  # rows in whole 16 bytes: zero columns pad K to a multiple of 8 (the ring needs no pad)
                 x = torch.nn.functional.pad(x, (0, -k % 8))
-            elif x.data_ptr() % 16:  # and a 16-byte aligned start
-                x = x.clone()
             x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], X_SMEM_LAYOUT)
             _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m,
                                       R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
         elif kind == "ring":
-            if x.data_ptr() % 16:
-                x = x.clone()
             _w4a16_ring_kernel[grid](x, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m, R=r,
                                      NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
         else:

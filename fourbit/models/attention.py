@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..config import ModelConfig
 from ..errors import FourbitError
-
-PAGED_HEAD_DIMS = (32, 64, 128, 256)  # what kernels/paged_attention.py takes (tests check the two agree)
+from ..kernels import HEAD_DIMS
 
 
 class KVCache:
@@ -81,12 +80,12 @@ class PagedKVCache:
 
     @staticmethod
     def stored_head_dim(config: ModelConfig) -> int:
-        """The kernel takes head dims of 32, 64, 128, 256 (kernels/paged_attention.HEAD_DIMS); a smaller or odd
+        """The kernel takes head dims of 32, 64, 128, 256 (kernels.HEAD_DIMS); a smaller or odd
         one is stored zero-padded to the next, which changes no score (q·k) and adds only zero output columns."""
-        for d in PAGED_HEAD_DIMS:
+        for d in HEAD_DIMS:
             if config.head_dim <= d:
                 return d
-        raise FourbitError(f"the paged KV cache supports head_dim up to {PAGED_HEAD_DIMS[-1]}, this model has "
+        raise FourbitError(f"the paged KV cache supports head_dim up to {HEAD_DIMS[-1]}, this model has "
                            f"{config.head_dim}")
 
     @classmethod

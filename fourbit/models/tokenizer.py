@@ -16,11 +16,51 @@ from pathlib import Path
 from ..errors import FourbitError
 
 
-
 def prompt_ids(tok, text: str, default_bos: int | None) -> list[int]:
     """A text prompt's token ids after BOS: the tokenizer's BOS, else `default_bos` (the model's), else none."""
     bos = tok.bos_id if tok.bos_id is not None else default_bos
     return ([] if bos is None else [bos]) + tok.encode(text)
+
+
+class TextStream:
+    """Output tokens -> text pieces. Each add() decodes a short window ending at the newest token and emits what the
+    new tokens add to it, so the pieces concatenate to the decoded output: a SentencePiece word keeps its leading
+    space (decoded after the previous token, not at the start of a text), a character split over byte tokens is
+    held back while its text ends in U+FFFD, and so is a tail that may be the start of a stop string."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] = ()):
+        self.tok, self.stop = tokenizer, stop
+        self.ids = list(prompt_ids[-1:])  # the last prompt token: context for the first output token
+        self.start, self.read = 0, len(self.ids)  # ids[start:read]: already in text, the context for what follows
+        self.text, self.sent = "", 0  # the output text so far; how much of it add() returned
+        self.stopped = False
+
+    def add(self, new_ids: list[int], final: bool) -> str:
+        self.ids += new_ids
+        if len(self.ids) > self.read:
+            head = self.tok.decode(self.ids[self.start:self.read])
+            full = self.tok.decode(self.ids[self.start:])
+            new = full[len(head):] if full.startswith(head) else self.tok.decode(self.ids[self.read:])
+            if final or not new.endswith("\ufffd"):  # else wait for the rest of a multi-byte character
+                self.start, self.read = self.read, len(self.ids)
+                self._append(new)
+        end = len(self.text) if final or self.stopped else len(self.text) - self._stop_prefix()
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return piece
+
+    def _append(self, new: str) -> None:
+        old = len(self.text)
+        self.text += new
+        # only occurrences that end in the new text are new; the earliest one ends the output
+        hits = [i for s in self.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+
+    def _stop_prefix(self) -> int:
+        """Length of the longest tail of text that a stop string starts with (it may complete with the next token)."""
+        return max((k for s in self.stop for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+                    if self.text.endswith(s[:k])), default=0)
+
 
 class Tokenizer:
     def __init__(self, path: str | Path):
