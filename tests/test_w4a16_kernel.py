@@ -53,7 +53,8 @@ from fourbit.kernels import w4a16_gemm as mod
 out = {}
 for name, (kernel, dtype, consts) in json.loads(sys.argv[1]).items():
     k = compile_sm90(getattr(mod, kernel), dtype, consts, consts["NUM_WARPS"])
-    out[name] = dict(shared=k.shared, stack=k.stack, ops=Counter(k.sass_ops))
+    out[name] = dict(shared=k.shared, stack=k.stack, ops=Counter(k.sass_ops),
+                     order=[op for op in k.sass_ops if op in ("LDGSTS.E.BYPASS.128", "LDGDEPBAR", "ACQBULK", "PREEXIT")])
 print(json.dumps(out))
 """
 _MMA = dict(HAS_BIAS=True, ATOMIC=False, POST_SCALE=True, X_SMEM=False, EVEN_K=False, BLOCK_M=8, R=1, NUM_WARPS=4)
@@ -61,8 +62,9 @@ _CASES = {
     "mma-bf16-g128": ("_w4a16_mma_kernel", "bf16", dict(GS=128, SYM=False, **_MMA)),
     "mma-fp16-g32": ("_w4a16_mma_kernel", "fp16", dict(GS=32, SYM=False, **_MMA)),
     "mma-bf16-perchannel-sym": ("_w4a16_mma_kernel", "bf16", dict(GS=-1, SYM=True, **_MMA)),
-    "ring-bf16-g128-split": ("_w4a16_ring_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False, ATOMIC=True,
-                                                                 BLOCK_M=8, R=1, NUM_WARPS=4, STAGES=3)),
+    "ring-bf16-g128-split-pdl": ("_w4a16_ring_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False, ATOMIC=True,
+                                                                     BLOCK_M=8, R=1, NUM_WARPS=4, STAGES=3,
+                                                                     PDL=True)),
     "ring-fp16-g32": ("_w4a16_ring_kernel", "fp16", dict(GS=32, SYM=False, HAS_BIAS=True, ATOMIC=False, BLOCK_M=16,
                                                          R=1, NUM_WARPS=4, STAGES=4)),
     "ring-bf16-perchannel-sym": ("_w4a16_ring_kernel", "bf16", dict(GS=-1, SYM=True, HAS_BIAS=False, ATOMIC=False,
@@ -115,6 +117,21 @@ def test_ring_kernel_copies_packed_words_only(compiled, case):
     direct = [op for op in k["ops"] if op.startswith("LDG.E") and "STRONG" not in op]  # (STRONG: split-K sums)
     assert not direct or (_CASES[case][2]["HAS_BIAS"] and direct == ["LDG.E.U16"]), direct  # only the bias
     assert sum(n for op, n in k["ops"].items() if op.startswith("HMMA.16816")) >= 8
+
+
+@pytest.mark.parametrize("case", [c for c in _CASES if c.startswith("ring")])
+def test_ring_kernel_requests_weights_before_waiting_for_the_previous_kernel(compiled, case):
+    # With PDL (kernels/pdl.py) griddepcontrol.wait is ACQBULK in the SASS and launch_dependents PREEXIT. The
+    # weight copies of the ring's first STAGES - 1 tiles are committed (LDGDEPBAR) before the wait, X's after it,
+    # and the next kernel is let in only after the K loop (PREEXIT after the loop's copies). Without PDL, neither.
+    consts = _CASES[case][2]
+    order = compiled[case]["order"]
+    if not consts.get("PDL"):
+        assert "ACQBULK" not in order and "PREEXIT" not in order
+        return
+    wait = order.index("ACQBULK")
+    assert order[:wait].count("LDGDEPBAR") == consts["STAGES"] - 1
+    assert order.index("PREEXIT") > max(i for i, op in enumerate(order) if op.startswith("LDGSTS"))
 
 
 @pytest.mark.parametrize("case", [c for c in _CASES if c.startswith("wgmma")])

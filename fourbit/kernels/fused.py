@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..errors import FourbitError
+from .pdl import pdl_args, pdl_start
 
 SILU_BLOCK = 1024
 
@@ -32,7 +33,8 @@ def _warps(elements: int) -> int:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, n, eps, stride_x, stride_r, stride_y, stride_s,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -71,7 +73,8 @@ def _rotate(x_ptr, o_ptr, heads, half, stride_h, stride_oh, cos, sin,
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, hq, hkv, half,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
                  stride_qot, stride_qoh, stride_kot, stride_koh,
-                 INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                 INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_D)[None, :]
     cos = tl.load(cos_ptr + t * stride_ct + i, mask=i < half, other=0.0).to(tl.float32)
@@ -83,7 +86,8 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, hq, hkv, half,
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, stride_g, stride_u, stride_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -96,7 +100,8 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, stride_g, stride_u, stride_y, BLOCK
 @triton.jit
 def _paged_kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, hkv, d, d_stored, block_size,
                            stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct,
-                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_ct
@@ -133,7 +138,7 @@ def _norm(x, residual, weight, eps: float):
         y2, s2 = y.view(-1, n), s.view(-1, n)
         _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, y2, s2, n, eps, x2.stride(0), r2.stride(0), y2.stride(0),
                                          s2.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                         num_warps=_warps(block))
+                                         num_warps=_warps(block), **pdl_args(x2))
     return y, s
 
 
@@ -168,7 +173,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         _rope_kernel[(t,)](q, k, cos, sin, qo, ko, hq, hkv, half, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                            cos.stride(0), sin.stride(0), qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
                            INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d,
-                           num_warps=_warps(block_h * block_d))
+                           num_warps=_warps(block_h * block_d), **pdl_args(q))
     return qo, ko
 
 
@@ -182,7 +187,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if m and n:
         y2 = y.view(m, n)
         _silu_mul_kernel[(m, triton.cdiv(n, SILU_BLOCK))](g2, u2, y2, n, g2.stride(0), u2.stride(0), y2.stride(0),
-                                                          BLOCK=SILU_BLOCK, num_warps=4)
+                                                          BLOCK=SILU_BLOCK, num_warps=4, **pdl_args(g2))
     return y
 
 
@@ -205,4 +210,4 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         _paged_kv_write_kernel[(t,)](k, v, k_cache, v_cache, slots, hkv, d, d_stored, k_cache.shape[2],
                                      k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
                                      k_cache.stride(1), k_cache.stride(2), BLOCK_H=block_h, BLOCK_D=block_d,
-                                     num_warps=_warps(block_h * block_d))
+                                     num_warps=_warps(block_h * block_d), **pdl_args(k))

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..errors import FourbitError
 from . import HEAD_DIMS, sm_count
+from .pdl import pdl_args, pdl_start
 
 LOG2E = 1.4426950408889634
 
@@ -107,14 +108,18 @@ def _find_seq(query_start, pid, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# The sequence count and the block table's width (its row stride) vary from step to step. Specialized (Triton
+# compiles a variant for 1 and one for multiples of 16), a batch whose values fall in a class LLM.warmup's
+# one-sequence prefills did not meet would compile (~1 s) in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, query_start, out_ptr,
                             ws_acc, ws_ml, num_seqs, scale_log2e, window,
                             stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kh, stride_kt,
                             stride_bt,
                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr,
-                            SPLIT: tl.constexpr, WINDOW: tl.constexpr):
+                            SPLIT: tl.constexpr, WINDOW: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     BLOCK_M: tl.constexpr = BLOCK_Q * GP
     kv_head = tl.program_id(0)
     if DECODE:
@@ -192,8 +197,9 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
 
 @triton.jit
 def _combine_kernel(ws_acc, ws_ml, query_start, out_ptr, stride_ot, stride_oh,
-                    SPLITS: tl.constexpr, D: tl.constexpr):
+                    SPLITS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     """out = Σ_i 2^(m_i - M) acc_i / Σ_i 2^(m_i - M) l_i over the splits i of one (sequence, query head)."""
+    pdl_start(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_begin = tl.load(query_start + seq)
@@ -308,8 +314,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, ma
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         G=g, GP=gp, D=d, BLOCK_SIZE=block_size, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, DECODE=decode,
-        SPLIT=splits > 1, WINDOW=sliding_window is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SPLIT=splits > 1, WINDOW=sliding_window is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(q))
     if splits > 1:
         _combine_kernel[(s, hq)](ws_acc, ws_ml, query_start, out, out.stride(0), out.stride(1), SPLITS=splits, D=d,
-                                 num_warps=4)
+                                 num_warps=4, **pdl_args(q))
     return out

@@ -30,7 +30,8 @@ fills the instruction's n = 8 instead of wasting 15/16 of m = 16:
 `_w4a16_ring_kernel` does the mma kernel's math with every global read of a tile (packed weight words, X, the
 tile's group parameters) issued by cp.async a few tiles ahead into a shared-memory ring, so the loop body waits
 only on shared memory; each lane reads back its own packed words, and dequantized weights still never touch
-shared memory.
+shared memory. On sm_90 it is launched with programmatic dependent launch (kernels/pdl.py): the first tiles'
+weights are requested while the previous kernel (whose output X may be) is still running.
 `_w4a16_wgmma_kernel` (sm_90; M > 16 on Hopper) feeds the same register fragments to async wgmma
 (m64nBLOCK_Mk16, BLOCK_M from 16 to 256), with X streamed by TMA through a small ring of shared-memory tiles
 (mbarrier per stage) so X's loads overlap the tensor cores, and the next slice's dequant overlapping the running
@@ -58,6 +59,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ..errors import FourbitError
 from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE
 from . import sm_count
+from .pdl import pdl_args
 
 
 @triton.constexpr_function
@@ -140,6 +142,12 @@ def _word_offsets(pid_n, N, KT, RB: gl.constexpr, NUM_WARPS: gl.constexpr):
     w_off = rb[:, None, None] * (KT * 256) + (lane * 8)[None, :, None] + word[None, None, :]
     w_ok = (rb < (N + 15) // 16)[:, None, None] & (word < 8)[None, None, :]
     return w_off, w_ok
+
+
+@gluon.jit
+def _gdc(instruction: gl.constexpr):
+    """A griddepcontrol instruction (kernels/pdl.py)."""
+    gl.inline_asm_elementwise(instruction + "; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -289,15 +297,13 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 
 
 @gluon.jit
-def _ring_fill(stage, kt, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, x_ptr, x_off, x_ok, xk, x_ring,
-               s_ptr, z_ptr, p_off, p_ok, s_ring, z_ring, GS: gl.constexpr, GPT: gl.constexpr, SYM: gl.constexpr):
-    """Start the async copies (cp.async, one commit group) of tile kt into ring stage `stage`: this program's
-    packed weight words, X's 128 columns and the tile's zero points and scales (per-channel: group 0 each time,
-    from L2). Past the split's last tile the copies are masked off, which writes zeros and reads nothing."""
+def _ring_weights(stage, kt, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, s_ptr, z_ptr, p_off, p_ok, s_ring, z_ring,
+                  GS: gl.constexpr, GPT: gl.constexpr, SYM: gl.constexpr):
+    """Start the async copies (cp.async, not committed) of tile kt's weights into ring stage `stage`: this
+    program's packed words and the tile's zero points and scales (per-channel: group 0 each time, from L2). Past
+    the split's last tile the copies are masked off, which writes zeros and reads nothing."""
     live = kt < kt1
     async_copy.async_copy_global_to_shared(w_ring.index(stage), qw_ptr + w_off + kt * 256, mask=w_ok & live)
-    x_mask = x_ok & ((kt * 128 + xk) < K)[None, :] & live
-    async_copy.async_copy_global_to_shared(x_ring.index(stage), x_ptr + x_off + kt * 128, mask=x_mask)
     for q in gl.static_range(GPT):
         g = 0 if GS == -1 else kt * GPT + q  # the tile's groups
         p_mask = p_ok & live & (g * GS < K)
@@ -305,19 +311,27 @@ def _ring_fill(stage, kt, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, x_ptr, x_off, 
         async_copy.async_copy_global_to_shared(s_ring.index(slot), s_ptr + g * N + p_off, mask=p_mask)
         if not SYM:
             async_copy.async_copy_global_to_shared(z_ring.index(slot), z_ptr + g * N + p_off, mask=p_mask)
-    async_copy.commit_group()
+
+
+@gluon.jit
+def _ring_x(stage, kt, kt1, K, x_ptr, x_off, x_ok, xk, x_ring):
+    """Start the async copy (not committed) of X's 128 columns of tile kt into ring stage `stage`."""
+    x_mask = x_ok & ((kt * 128 + xk) < K)[None, :] & (kt < kt1)
+    async_copy.async_copy_global_to_shared(x_ring.index(stage), x_ptr + x_off + kt * 128, mask=x_mask)
 
 
 @gluon.jit
 def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
                        ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr,
                        ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr,
-                       STAGES: gl.constexpr):
+                       STAGES: gl.constexpr, PDL: gl.constexpr = False):
     """Small M (BLOCK_M 8 or 16): the mma kernel's math, with every global read of a tile (packed weights, X, group
     parameters) issued STAGES - 1 tiles ahead by cp.async into a shared-memory ring, so the loop body waits on
     nothing but shared memory and the registers hold one tile. Each lane copies and then reads back its own
     weight words; only the packed words pass through shared memory, the dequantized fragments are made in
-    registers as in the mma kernel. Needs N and K multiples of 16 (16-byte copies)."""
+    registers as in the mma kernel. Needs N and K multiples of 16 (16-byte copies).
+    PDL (kernels/pdl.py): the first tiles' weights are requested before waiting for the previous kernel (whose
+    output X may be), and the next kernel may launch once every program is past its K loop."""
     BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
     RB: gl.constexpr = R * NUM_WARPS
     BN: gl.constexpr = 16 * RB
@@ -346,9 +360,18 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [STAGES * GPT, BN], flat)  # slot stage·GPT + q
     z_ring = gl.allocate_shared_memory(gl.uint8, [STAGES * GPT, BN], flat)
-    for f in gl.static_range(STAGES - 1):  # the ring's first tiles in flight
-        _ring_fill(f, kt0 + f, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, x_ptr, x_off, x_ok, xk, x_ring,
-                   s_ptr, z_ptr, p_off, p_ok, s_ring, z_ring, GS, GPT, SYM)
+    # The ring's first STAGES - 1 tiles in flight: their weights (one commit group each), then, once the previous
+    # kernel is done, their X (one group each). Groups complete in order, so the loop's wait for all but the
+    # STAGES - 2 newest groups still covers tile kt's weights and X.
+    for f in gl.static_range(STAGES - 1):
+        _ring_weights(f, kt0 + f, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, s_ptr, z_ptr, p_off, p_ok, s_ring,
+                      z_ring, GS, GPT, SYM)
+        async_copy.commit_group()
+    if PDL:
+        _gdc("griddepcontrol.wait")  # X, the workspace and Y only from here on
+    for f in gl.static_range(STAGES - 1):
+        _ring_x(f, kt0 + f, kt1, K, x_ptr, x_off, x_ok, xk, x_ring)
+        async_copy.commit_group()
 
     acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=mma)
     for kt in range(kt0, kt1):
@@ -356,8 +379,11 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
         stage = j % STAGES
         async_copy.wait_group(STAGES - 2)  # this thread's copies of tile kt have landed
         gl.thread_barrier()  # every thread's (X and the parameters are shared), and tile kt - 1's stage is free
-        _ring_fill((j + STAGES - 1) % STAGES, kt + STAGES - 1, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, x_ptr,
-                   x_off, x_ok, xk, x_ring, s_ptr, z_ptr, p_off, p_ok, s_ring, z_ring, GS, GPT, SYM)
+        refill = (j + STAGES - 1) % STAGES
+        _ring_weights(refill, kt + STAGES - 1, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, s_ptr, z_ptr, p_off, p_ok,
+                      s_ring, z_ring, GS, GPT, SYM)
+        _ring_x(refill, kt + STAGES - 1, kt1, K, x_ptr, x_off, x_ok, xk, x_ring)
+        async_copy.commit_group()
         w0, w1 = _tile_halves(w_ring.index(stage).load(w_off.type.layout), RB)
         z_l: gl.constexpr = gl.SliceLayout(1, w0.type.layout)
         for h in gl.static_range(2):
@@ -379,6 +405,8 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
                 if (4 * h + a) % SPG == SPG - 1:  # the group's sum, times its scale
                     acc += part * sc[:, None]
     async_copy.wait_group(0)  # the masked-off copies past the last tile
+    if PDL:  # late: triggering at the start measured slower at M = 16 when GEMMs follow each other
+        _gdc("griddepcontrol.launch_dependents")
 
     acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC,
@@ -619,7 +647,7 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
                                       R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
         elif kind == "ring":
             _w4a16_ring_kernel[grid](x, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m, R=r,
-                                     NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
+                                     NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags, **pdl_args(x))
         else:
             _w4a16_mma_kernel[grid](*args, out, *sizes, ws, count, GS=group_size, POST_SCALE=post, X_SMEM=smem,
                                     EVEN_K=k % K_TILE == 0, BLOCK_M=block_m, R=r, NUM_WARPS=warps,
