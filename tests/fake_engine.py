@@ -41,6 +41,9 @@ class FakeAsyncLLM:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=self.tokenizer.bos_id is not None)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.encode_chat(messages)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
         if not self.started or self.shut_down:
             raise FourbitError("the fake engine is not running")

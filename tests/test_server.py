@@ -20,15 +20,16 @@ from fake_engine import FakeAsyncLLM
 
 from fourbit.engine.server import build_app
 from fourbit.errors import FourbitError
-from fourbit.models.tokenizer import Tokenizer
+from fourbit.models.tokenizer import IdTokenizer, Tokenizer, prompt_ids
 
 TEMPLATE = ("{% if messages[0]['role'] == 'tool' %}{{ raise_exception('tool messages need a call first') }}{% endif %}"
             "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def byte_tokenizer(folder, chat_template: str | None = TEMPLATE) -> Tokenizer:
-    """A tokenizer.json with one token per byte (ids 2..257) and <s> = 0, </s> = 1, plus tokenizer_config.json."""
+def byte_tokenizer(folder, chat_template: str | None = TEMPLATE, bos: bool = True) -> Tokenizer:
+    """A tokenizer.json with one token per byte (ids 2..257) and <s> = 0, </s> = 1, plus tokenizer_config.json
+    (naming <s> as the BOS unless bos=False)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
@@ -39,7 +40,7 @@ def byte_tokenizer(folder, chat_template: str | None = TEMPLATE) -> Tokenizer:
     hf.add_special_tokens(["<s>", "</s>"])
     folder.mkdir(parents=True, exist_ok=True)
     hf.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "</s>"}
+    config = {"bos_token": "<s>", "eos_token": "</s>"} if bos else {"eos_token": "</s>"}
     if chat_template is not None:
         config["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -431,6 +432,19 @@ def test_plain_chat_format_without_template(tmp_path):
     assert tok.chat_template is None
     assert tok.apply_chat_template(chat) == "System: Be brief.\nUser: Hi!\nAssistant:"
     assert tok.encode_chat(chat) == tok.encode("System: Be brief.\nUser: Hi!\nAssistant:", bos=True)
+
+
+def test_plain_chat_gets_the_bos_of_a_text_prompt(tmp_path):
+    # A tokenizer that names no BOS: a text prompt starts with the model's (prompt_ids), and so does a chat in
+    # the plain format, as rendered for the same model; without a model BOS, neither has one.
+    tok = byte_tokenizer(tmp_path, chat_template=None, bos=False)
+    chat = [{"role": "user", "content": "Hi!"}]
+    text = tok.apply_chat_template(chat)
+    assert tok.bos_id is None
+    assert tok.encode_chat(chat, default_bos=7) == prompt_ids(tok, text, 7) == [7] + tok.encode(text)
+    assert tok.encode_chat(chat) == prompt_ids(tok, text, None) == tok.encode(text)
+    ids = IdTokenizer(100, bos_id=None, eos_id=2)
+    assert ids.encode_chat([{"role": "user", "content": "5 6"}], default_bos=1) == [1, 5, 6]
 
 
 def test_chat_template_sources(tmp_path):

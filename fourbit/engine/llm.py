@@ -231,6 +231,10 @@ class AsyncLLM:
         """A text prompt's token ids, as LLM.generate encodes it."""
         return self.llm.encode(text)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A chat's token ids (Tokenizer.encode_chat), with the BOS a text prompt gets."""
+        return self.llm.tokenizer.encode_chat(messages, self.llm.model.config.bos_id)
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come; a prompt the engine cannot serve raises its FourbitError."""
         if self._error is not None:

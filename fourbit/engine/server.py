@@ -3,8 +3,8 @@
     serve(AsyncLLM(LLM("model_dir"), "my-model"), port=8000)
     curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32, "stream": true}'
 
-The server only uses the engine's async interface (generate / start / shutdown, tokenizer, max_model_len); the
-engine batches concurrent requests. Where OpenAI's API leaves room, the choices made here:
+The server only uses the engine's async interface (generate / start / shutdown, encode / encode_chat, tokenizer,
+max_model_len); the engine batches concurrent requests. Where OpenAI's API leaves room, the choices made here:
 - One prompt per request: a list of several prompts gets 400 (send one request per prompt; the engine batches
   them anyway). n must be 1. echo, logprobs, best_of, suffix, logit_bias, penalties and tools get 400 naming the
   field unless left at their neutral value: a request is never answered as if they had been honoured.
@@ -148,7 +148,7 @@ async def chat_completions(request: Request):
     body = await _json_body(request)
     _check_model(_get(body, "model", str), engine)
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    job = _job(body, engine, _chat_prompt(body, engine.tokenizer), "messages", limit, default_max=None)
+    job = _job(body, engine, _chat_prompt(body, engine), "messages", limit, default_max=None)
     return await _respond(request, engine, job, _ChatShape(engine.model_name, job.include_usage))
 
 
@@ -253,7 +253,7 @@ def _completion_prompt(body: dict, engine) -> list[int]:
     raise APIError(400, "'prompt' is required: a string, or a list of token ids (integers >= 0)", param="prompt")
 
 
-def _chat_prompt(body: dict, tok) -> list[int]:
+def _chat_prompt(body: dict, engine) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' is required: a non-empty list of {\"role\": ..., \"content\": ...} objects",
@@ -266,7 +266,7 @@ def _chat_prompt(body: dict, tok) -> list[int]:
                                 f"'content' string", param=where)
         chat.append({"role": m["role"], "content": _text_content(m.get("content"), f"{where}.content")})
     try:
-        return tok.encode_chat(chat)
+        return engine.encode_chat(chat)
     except FourbitError as e:  # the template refused the chat (raise_exception), or jinja2 is missing
         raise APIError(400, str(e), param="messages") from None
 

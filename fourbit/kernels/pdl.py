@@ -3,8 +3,8 @@ the stream is still running, so its launch, and whatever it reads that no earlie
 weights), overlap the previous kernel's tail. Decode steps are chains of short kernels, where this counts.
 
 Which kernels: the fused elementwise kernels, paged attention and its combine step, and the W4A16 ring kernel
-(M <= 16). Not the wgmma and mma W4A16 kernels: with PDL they measured slower at M = 64 (benchmarks/
-NOTES-serving.md). Kernels launched without PDL (those, torch's, cuBLAS) keep ordinary stream order.
+(M <= 16). Not the wgmma and mma W4A16 kernels: with PDL the wgmma kernel measured slower at M = 64
+(benchmarks/NOTES-serving.md). Kernels launched without PDL (those, torch's, cuBLAS) keep ordinary stream order.
 
 The rule every PDL kernel keeps: `griddepcontrol.wait` (the previous kernel has finished and its writes are
 visible) comes before any read of an activation and before any write, and every program executes it, so a

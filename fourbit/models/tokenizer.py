@@ -134,19 +134,20 @@ class Tokenizer:
 
         With a chat template: rendered as Hugging Face does (sandboxed Jinja, bos_token / eos_token variables,
         raise_exception(), add_generation_prompt=True); the text usually starts with the BOS token's string.
-        Without one: PLAIN_CHAT_FORMAT, and no BOS in the text (encode_chat adds it).
+        Without one: PLAIN_CHAT_FORMAT, and no BOS in the text (encode_chat adds it, as prompt_ids does).
         """
         if self.chat_template is None:
             return "".join(PLAIN_CHAT_FORMAT.format(role=m["role"].capitalize(), content=m["content"])
                            for m in messages) + "Assistant:"
         return _render(self.chat_template, messages, self.bos_token or "", self.eos_token or "")
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], default_bos: int | None = None) -> list[int]:
         """Token ids of apply_chat_template(messages): special-token strings in the rendered text (BOS, EOS) become
-        their ids; the plain format gets a leading BOS when the tokenizer has one."""
+        their ids; the plain format gets the leading BOS a text prompt gets (prompt_ids: the tokenizer's, else
+        `default_bos`, the model's)."""
         text = self.apply_chat_template(messages)
         if self.chat_template is None:
-            return self.encode(text, bos=self.bos_id is not None)
+            return prompt_ids(self, text, default_bos)
         if self._sp is None:
             return self._hf.encode(text, add_special_tokens=False).ids  # tokenizers matches special tokens itself
         # SentencePiece would spell "<s>" out as characters: split the text on the special strings first
@@ -256,5 +257,5 @@ class IdTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(f" {i}" for i in ids)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.encode(" ".join(m["content"] for m in messages), bos=True)
+    def encode_chat(self, messages: list[dict], default_bos: int | None = None) -> list[int]:
+        return prompt_ids(self, " ".join(m["content"] for m in messages), default_bos)
