@@ -83,6 +83,12 @@ class LLM:
             raise FourbitError("text prompts need a tokenizer: pass LLM(model, tokenizer=...) or token ids")
         return prompt_ids(self.tokenizer, prompt, self.model.config.bos_id)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A chat's token ids (Tokenizer.encode_chat), with the BOS a text prompt gets."""
+        if self.tokenizer is None:
+            raise FourbitError("chats need a tokenizer: pass LLM(model, tokenizer=...)")
+        return self.tokenizer.encode_chat(messages, self.model.config.bos_id)
+
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a request; FourbitError if it can never be served (empty, or longer than max_model_len)."""
         vocab = self.model.config.vocab_size
@@ -232,8 +238,8 @@ class AsyncLLM:
         return self.llm.encode(text)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """A chat's token ids (Tokenizer.encode_chat), with the BOS a text prompt gets."""
-        return self.llm.tokenizer.encode_chat(messages, self.llm.model.config.bos_id)
+        """A chat's token ids, as LLM.encode_chat makes them."""
+        return self.llm.encode_chat(messages)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come; a prompt the engine cannot serve raises its FourbitError."""
