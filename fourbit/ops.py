@@ -4,6 +4,7 @@ Each op runs its GPU kernel when there is one for the inputs and its torch refer
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional
 
@@ -16,8 +17,13 @@ def _impl(module: str, name: str, x: torch.Tensor):
     """The function that computes op `name` for x: the Triton kernel kernels/<module>.py `name` for a CUDA tensor
     in a 16-bit float dtype, the torch twin ref.<name>_ref otherwise (triton is imported only where a GPU runs)."""
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        return getattr(importlib.import_module(f".kernels.{module}", __package__), name)
+        return _kernel(module, name)
     return getattr(ref, f"{name}_ref")
+
+
+@functools.cache  # on every eager call's path
+def _kernel(module: str, name: str):
+    return getattr(importlib.import_module(f".kernels.{module}", __package__), name)
 
 
 @torch.library.custom_op("fourbit::w4a16_gemm", mutates_args=())

@@ -73,6 +73,10 @@ _CASES = {
                                                             BLOCK_M=256, R=1, NUM_WARPS=8, STAGES=3)),
     "wgmma-fp16-g32-split": ("_w4a16_wgmma_kernel", "fp16", dict(GS=32, SYM=False, HAS_BIAS=True, ATOMIC=True,
                                                                  BLOCK_M=64, R=2, NUM_WARPS=4, STAGES=4)),
+    # BN 64 (one warpgroup, R 1): the M = 64-256 configs; its epilogue once held every element twice and spilled
+    "wgmma-bf16-g128-bn64-split": ("_w4a16_wgmma_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False,
+                                                                       ATOMIC=True, BLOCK_M=128, R=1, NUM_WARPS=4,
+                                                                       STAGES=2)),
 }
 
 

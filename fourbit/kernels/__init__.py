@@ -11,3 +11,11 @@ def sm_count(device_index: int) -> int:
     import torch
 
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def capability(device_index: int) -> tuple[int, int]:
+    """Compute capability (major, minor) of CUDA device `device_index`."""
+    import torch
+
+    return torch.cuda.get_device_capability(device_index)

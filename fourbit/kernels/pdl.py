@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from . import capability
+
 
 def pdl_args(t) -> dict:
     """The launch arguments of a kernel with a `PDL` constexpr that reads tensor `t`: PDL on a CUDA device of
@@ -31,9 +33,7 @@ def pdl_args(t) -> dict:
 
 @functools.cache
 def _supported(device_index: int) -> bool:
-    import torch
-
-    return os.environ.get("FOURBIT_PDL", "1") != "0" and torch.cuda.get_device_capability(device_index) >= (9, 0)
+    return os.environ.get("FOURBIT_PDL", "1") != "0" and capability(device_index) >= (9, 0)
 
 
 @triton.jit

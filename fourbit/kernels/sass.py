@@ -25,9 +25,9 @@ class CompiledSM90:
 
 def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int) -> CompiledSM90:
     """Compile the W4A16 kernel signature (x, qweight, scales, zeros, bias, out, M, N, K, KT, TILES_PER_SPLIT
-    [, ws, counts])
-    for sm_90 with X of `dtype` ("bf16"/"fp16"); pointer and K arguments are taken as 16-aligned. A first
-    argument named x_desc is X's TMA descriptor, with (BLOCK_M, 64) boxes."""
+    [, ws, counts]) for sm_90 with X of `dtype` ("bf16"/"fp16"); pointers, N and K are taken as 16-aligned, as
+    torch's allocations and Llama's sizes are (the runtime specializes on it). A first argument named x_desc is
+    X's TMA descriptor, with (BLOCK_M, 64) boxes."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .w4a16_gemm import X_SMEM_LAYOUT
@@ -39,7 +39,7 @@ def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int) -> CompiledSM
     types = [x, "*i32", "*fp16", "*u8", f"*{dtype}", "*fp32", "i32", "i32", "i32", "i32", "i32"]
     types += ["*fp32", "*i32"] if "ws_ptr" in names else []  # the split-K workspace and counters
     sig = {name: (types[i] if i < len(types) else "constexpr") for i, name in enumerate(names)}
-    aligned = [names.index(a) for a in names[:6] + ["N", "K"]]
+    aligned = [names.index(a) for a in names[:6] + ["N", "K"] + [a for a in ("ws_ptr", "count_ptr") if a in names]]
     src = GluonASTSource(fn, sig, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

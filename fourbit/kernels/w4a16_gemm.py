@@ -58,7 +58,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ..errors import FourbitError
 from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE
-from . import sm_count
+from . import capability, sm_count
 from .pdl import pdl_args
 
 
@@ -430,13 +430,16 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
                         BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr):
     """M > 8 on Hopper: the same register A fragments fed to async wgmma (m64nBLOCK_Mk16, one warpgroup per
     64 rows), X (the B operand) streamed by TMA through a ring of STAGES shared-memory tiles so its loads overlap
-    the tensor cores; scales applied in the dequant. The next slice's dequant overlaps the running wgmma."""
+    the tensor cores; scales applied in the dequant. The next slice's dequant overlaps the running wgmmas (up to
+    INFLIGHT of them: with n >= 128 one at a time leaves the tensor cores waiting)."""
     BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
     RB: gl.constexpr = R * NUM_WARPS
     BN: gl.constexpr = 16 * RB
     PER_CHANNEL: gl.constexpr = GS == -1
     SLICES_PER_GROUP: gl.constexpr = 8 if PER_CHANNEL else GS // 16
     TILE_GROUP: gl.constexpr = GS == 128  # one group per 128-wide tile
+    # wgmmas a warpgroup keeps in flight (H100 sweep: more pays from n = 128 on, n = 256 peaks at 2)
+    INFLIGHT: gl.constexpr = 1 if BLOCK_M <= 64 else (2 if BLOCK_M == 256 else 3)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -479,10 +482,10 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
                 lo, hi = _dequant(wh, zz, s2, a, BF16, True)
                 w = gl.convert_layout(gl.reshape(gl.join(lo, hi), (BN, 16)), a_l, assert_trivial=True)
                 acc = warpgroup_mma(w, xh.slice(16 * a, 16, dim=1).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-                if h == 0 and a == 0:
-                    # this warpgroup's wgmmas of the previous tile are done; once every warpgroup is here, its
-                    # ring stage is free for the tile STAGES - 1 ahead
+                acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc])
+                if 4 * h + a == INFLIGHT - 1:
+                    # this warpgroup's wgmmas of the previous tile are done (all but the INFLIGHT newest are);
+                    # once every warpgroup is here, its ring stage is free for the tile STAGES - 1 ahead
                     gl.thread_barrier()
                     ahead = kt + STAGES - 1
                     _issue_x(x_desc, x_smem, bars, (j + STAGES - 1) % STAGES, m0, ahead, ahead < kt1)
@@ -493,8 +496,10 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
-    # Y is contiguous along N (acc's rows): 8 rows per thread, so stores are 16 bytes wide and addresses cheap
-    acc = gl.convert_layout(acc, gl.BlockedLayout([8, 1], [16, 2], [1, NUM_WARPS], [0, 1]))
+    # Y is contiguous along N (acc's rows): 8 rows per thread, so stores are 16 bytes wide and addresses cheap;
+    # the lanes of a warp span the tile's BN rows (a wider span would hold every element twice)
+    ROW_LANES: gl.constexpr = min(32, BN // 8)
+    acc = gl.convert_layout(acc, gl.BlockedLayout([8, 1], [ROW_LANES, 32 // ROW_LANES], [1, NUM_WARPS], [0, 1]))
     acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc.type.layout))
     _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
                ATOMIC, BLOCK_M)
@@ -564,7 +569,10 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
     elif m <= 256:  # long K: two row blocks per warp (BN 128) re-read X half as often
         block_m, warps, per_sm, r = 128, 4, 2, 2 if k_tiles >= 64 else 1
     else:  # the grid is large: split K only where it is under one CTA per SM (its atomic epilogue costs)
-        block_m, warps, per_sm = 128, 8, 1
+        block_m, warps, per_sm, stages = 128, 8, 1, 3 if m >= 512 else 2
+        tiles = triton.cdiv(m, 256) * triton.cdiv(n, 128)
+        if tiles / (triton.cdiv(tiles, sms) * sms) * m / (triton.cdiv(m, 256) * 256) >= 0.8:
+            block_m, stages = 256, 2  # 256-row tiles (one CTA per SM) where they fill the SMs in near-whole waves
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 16 * r * warps)
     # small grids leave SMs idle: split K (wgmma: at least 4 of its 128-wide tiles per split, to fill the ring)
     split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles if kind != "wgmma" else k_tiles // 4))
@@ -604,7 +612,7 @@ def _aligned(n: int, k: int) -> bool:
 
 def kernel_for(device: torch.device, m: int, n: int, k: int) -> str:
     """The kernel w4a16_gemm runs for an (m, n, k) product on a CUDA device."""
-    cap = torch.cuda.get_device_capability(device)
+    cap = capability(device.index)
     if cap < (8, 0) or not GLUON_OK:
         return "_w4a16_dot_kernel"
     kind = _config(m, n, -(-k // K_TILE), sm_count(device.index), cap[0] == 9, _aligned(n, k))[0]
@@ -619,7 +627,7 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     m = x.shape[0]
     x = x.contiguous()
     k_tiles = qweight.shape[1] // WORDS_PER_TILE
-    cap = torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0)
+    cap = capability(x.device.index) if x.is_cuda else (0, 0)
     sms = sm_count(x.device.index) if x.is_cuda else 4
     kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9,
                                                                           _aligned(n, k))
