@@ -566,17 +566,23 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
         block_m, warps, per_sm = triton.next_power_of_2(m), 4, 6
     elif m <= 64:
         block_m, warps, per_sm = 64, 4, 3
+    elif m > 128 and _fill256(m, n, sms) >= 0.8:  # 256-row tiles (one CTA per SM) in near-whole waves
+        block_m, warps, per_sm = 256, 8, 1
     elif m <= 256:  # long K: two row blocks per warp (BN 128) re-read X half as often
         block_m, warps, per_sm, r = 128, 4, 2, 2 if k_tiles >= 64 else 1
     else:  # the grid is large: split K only where it is under one CTA per SM (its atomic epilogue costs)
-        block_m, warps, per_sm, stages = 128, 8, 1, 3 if m >= 512 else 2
-        tiles = triton.cdiv(m, 256) * triton.cdiv(n, 128)
-        if tiles / (triton.cdiv(tiles, sms) * sms) * m / (triton.cdiv(m, 256) * 256) >= 0.8:
-            block_m, stages = 256, 2  # 256-row tiles (one CTA per SM) where they fill the SMs in near-whole waves
+        block_m, warps, per_sm, stages = 128, 8, 1, 3 if m >= 512 or k_tiles > 64 else 2
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 16 * r * warps)
     # small grids leave SMs idle: split K (wgmma: at least 4 of its 128-wide tiles per split, to fill the ring)
     split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles if kind != "wgmma" else k_tiles // 4))
     return kind, block_m, r, warps, split, post, smem, stages
+
+
+def _fill256(m: int, n: int, sms: int) -> float:
+    """How fully the wgmma kernel's 256-row tiles (BN 128, one CTA per SM) would use the GPU: the share of the
+    last wave's SMs that have a tile, times the share of the padded rows that are M's."""
+    tiles = triton.cdiv(m, 256) * triton.cdiv(n, 128)
+    return tiles / (triton.cdiv(tiles, sms) * sms) * m / (triton.cdiv(m, 256) * 256)
 
 
 # X's shared-memory tiles in the wgmma kernel: 128-byte swizzle, 64 16-bit columns per row (the TMA boxes)
