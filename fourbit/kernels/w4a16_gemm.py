@@ -55,6 +55,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..errors import FourbitError
 from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE
@@ -142,12 +143,6 @@ def _word_offsets(pid_n, N, KT, RB: gl.constexpr, NUM_WARPS: gl.constexpr):
     w_off = rb[:, None, None] * (KT * 256) + (lane * 8)[None, :, None] + word[None, None, :]
     w_ok = (rb < (N + 15) // 16)[:, None, None] & (word < 8)[None, None, :]
     return w_off, w_ok
-
-
-@gluon.jit
-def _gdc(instruction: gl.constexpr):
-    """A griddepcontrol instruction (kernels/pdl.py)."""
-    gl.inline_asm_elementwise(instruction + "; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -368,7 +363,7 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
                       z_ring, GS, GPT, SYM)
         async_copy.commit_group()
     if PDL:
-        _gdc("griddepcontrol.wait")  # X, the workspace and Y only from here on
+        gdc_wait()  # X, the workspace and Y only from here on
     for f in gl.static_range(STAGES - 1):
         _ring_x(f, kt0 + f, kt1, K, x_ptr, x_off, x_ok, xk, x_ring)
         async_copy.commit_group()
@@ -406,7 +401,7 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
                     acc += part * sc[:, None]
     async_copy.wait_group(0)  # the masked-off copies past the last tile
     if PDL:  # late: triggering at the start measured slower at M = 16 when GEMMs follow each other
-        _gdc("griddepcontrol.launch_dependents")
+        gdc_launch_dependents()
 
     acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC,
@@ -635,9 +630,9 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     k_tiles = qweight.shape[1] // WORDS_PER_TILE
     cap = capability(x.device.index) if x.is_cuda else (0, 0)
     sms = sm_count(x.device.index) if x.is_cuda else 4
-    kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9,
-                                                                          _aligned(n, k))
-    if kind == "ring" and not _aligned(n, k):
+    aligned = _aligned(n, k)
+    kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9, aligned)
+    if kind == "ring" and not aligned:
         raise FourbitError(f"the ring kernel needs N and K in multiples of 16 (got {n}, {k}): choose another config")
     per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per_split)
