@@ -11,7 +11,7 @@ import torch
 
 from fourbit.formats.uint4 import quantize_groups
 from fourbit.kernels.ref import w4a16_gemm_ref
-from fourbit.kernels.w4a16_gemm import w4a16_gemm
+from fourbit.kernels.w4a16_gemm import WGMMA_CTAS_PER_SM, w4a16_gemm
 from fourbit.nn.linear import SCALE_DTYPE, W4A16Linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +53,7 @@ from fourbit.kernels import w4a16_gemm as mod
 out = {}
 for name, (kernel, dtype, consts) in json.loads(sys.argv[1]).items():
     k = compile_sm90(getattr(mod, kernel), dtype, consts, consts["NUM_WARPS"])
-    out[name] = dict(shared=k.shared, stack=k.stack, ops=Counter(k.sass_ops),
+    out[name] = dict(shared=k.shared, smem=k.smem, regs=k.regs, stack=k.stack, ops=Counter(k.sass_ops),
                      order=[op for op in k.sass_ops if op in ("LDGSTS.E.BYPASS.128", "LDGDEPBAR", "ACQBULK", "PREEXIT")])
 print(json.dumps(out))
 """
@@ -78,6 +78,10 @@ _CASES = {
                                                                        ATOMIC=True, BLOCK_M=128, R=1, NUM_WARPS=4,
                                                                        STAGES=2)),
 }
+# the wgmma configs the cost model chooses among (w4a16_gemm.WGMMA_CTAS_PER_SM), split and not
+_CASES.update({f"occupancy-{bm}-{r}-{atomic}": ("_w4a16_wgmma_kernel", "bf16", dict(
+    GS=128, SYM=False, HAS_BIAS=False, ATOMIC=atomic, BLOCK_M=bm, R=r, NUM_WARPS=4, STAGES=2))
+    for bm, r in WGMMA_CTAS_PER_SM for atomic in (False, True)})
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +156,15 @@ def test_wgmma_kernel_feeds_register_weights_to_wgmma(compiled, case):
     assert sum(n for op, n in k["ops"].items() if op.startswith("HGMMA")) >= 8
     assert k["ops"].get("UTMALDG.2D", 0) >= 2
     assert sum(n for op, n in k["ops"].items() if op.startswith("STS")) <= epilogue + 1
+
+
+@pytest.mark.parametrize("bm, r", list(WGMMA_CTAS_PER_SM))
+def test_wgmma_occupancy_table_matches_the_compile(compiled, bm, r):
+    # The config cost model counts how many CTAs of each wgmma shape share an SM. Recompute it from the sm_90
+    # compile (split and unsplit, the larger): 64K registers per SM allocated 8 per thread at a time, 228 KB of
+    # shared memory with 1 KB reserved per CTA, at most 64 warps. A kernel change that moves these fails here.
+    regs = max(compiled[f"occupancy-{bm}-{r}-{a}"]["regs"] for a in (False, True))
+    smem = max(compiled[f"occupancy-{bm}-{r}-{a}"]["smem"] + compiled[f"occupancy-{bm}-{r}-{a}"]["shared"]
+               for a in (False, True))
+    fits = min(65536 // (-(-regs // 8) * 8 * 128), 228 * 1024 // (smem + 1024), 64 // 4)
+    assert fits == WGMMA_CTAS_PER_SM[bm, r], (regs, smem)

@@ -16,7 +16,8 @@ from triton.backends.compiler import GPUTarget
 class CompiledSM90:
     regs: int
     stack: int
-    shared: int
+    shared: int  # static shared memory of the cubin
+    smem: int  # bytes of shared memory a launch asks for (Triton's allocation)
     sass_ops: list[str]  # opcodes in program order, e.g. "LDG.E.128"
     sass: str
     ttgir: str
@@ -53,5 +54,5 @@ def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int) -> CompiledSM
                               capture_output=True, text=True, check=True).stdout
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass, re.M)
-    return CompiledSM90(field("REG"), field("STACK"), field("SHARED"), ops, sass, kernel.asm["ttgir"],
-                        kernel.asm["ptx"])
+    return CompiledSM90(field("REG"), field("STACK"), field("SHARED"), kernel.metadata.shared, ops, sass,
+                        kernel.asm["ttgir"], kernel.asm["ptx"])

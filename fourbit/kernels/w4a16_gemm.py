@@ -557,20 +557,58 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
         kind, block_m, warps, post, smem, stages, per_sm = "mma", 8, 4, True, m > 1, 0, 8
     elif not hopper:
         kind, block_m, warps, stages, per_sm = "mma", min(64, triton.next_power_of_2(m)), 8, 0, 4
-    elif m <= 32:
-        block_m, warps, per_sm = triton.next_power_of_2(m), 4, 6
-    elif m <= 64:
-        block_m, warps, per_sm = 64, 4, 3
+    elif m <= 16:
+        block_m, warps, per_sm = 16, 4, 6
     elif m > 128 and _fill256(m, n, sms) >= 0.8:  # 256-row tiles (one CTA per SM) in near-whole waves
         block_m, warps, per_sm = 256, 8, 1
-    elif m <= 256:  # long K: two row blocks per warp (BN 128) re-read X half as often
-        block_m, warps, per_sm, r = 128, 4, 2, 2 if k_tiles >= 64 else 1
+    elif m <= 256:  # one warpgroup, 2 stages: tile rows, BN and split by the cost model
+        block_m, r, split = _wgmma_pick(m, n, k_tiles, sms)
+        return kind, block_m, r, 4, split, post, smem, stages
     else:  # the grid is large: split K only where it is under one CTA per SM (its atomic epilogue costs)
         block_m, warps, per_sm, stages = 128, 8, 1, 3 if m >= 512 or k_tiles > 64 else 2
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 16 * r * warps)
     # small grids leave SMs idle: split K (wgmma: at least 4 of its 128-wide tiles per split, to fill the ring)
     split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles if kind != "wgmma" else k_tiles // 4))
     return kind, block_m, r, warps, split, post, smem, stages
+
+
+# CTAs of the wgmma kernel with 4 warps and 2 stages that fit on an SM, by (BLOCK_M, R): registers of the sm_90
+# compile (tests/test_w4a16_kernel.py recomputes this from it), then 2 stages of X in shared memory
+WGMMA_CTAS_PER_SM = {(32, 1): 7, (32, 2): 4, (64, 1): 5, (64, 2): 3, (128, 1): 3, (128, 2): 2}
+
+
+def _wgmma_pick(m: int, n: int, k_tiles: int, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_M, R, split) of the wgmma kernel with 4 warps and 2 stages for 16 < M <= 256: the lowest
+    _wgmma_cost among tiles of 32 rows up to M = 32, 64 up to 64, 128 up to 128, then 64 or 128; BN 64 or 128;
+    splits that leave each at least 4 tiles and the grid at most 8 CTAs per SM."""
+    rows = (max(32, triton.next_power_of_2(m)),) if m <= 128 else (64, 128)
+    options = [(bm, r, s) for bm in rows for r in (1, 2) for s in (1, 2, 3, 4, 6, 8, 12, 16)
+               if s == 1 or (k_tiles // s >= 4 and triton.cdiv(m, bm) * triton.cdiv(n, 64 * r) * s <= 8 * sms)]
+    return min(options, key=lambda c: _wgmma_cost(m, n, k_tiles, sms, *c))
+
+
+def _wgmma_cost(m: int, n: int, k_tiles: int, sms: int, block_m: int, r: int, split: int) -> float:
+    """Modelled time (arbitrary units) of the wgmma kernel with 4 warps and 2 stages. The CTAs run in waves;
+    within a wave `co` of them share an SM, and each 128-wide K tile of a CTA costs a fixed latency or, when
+    sharing, what the SM spends on its co-residents' tiles: wgmma work (BLOCK_M x BN), dequant (BN) and X
+    staging (BLOCK_M). A split adds an atomic epilogue. Constants fitted to an H100 sweep of 11 Llama layer
+    shapes at M = 32-256 (benchmarks/NOTES-w4a16.md): the picks are within 1% of the best swept config on
+    average, 10% at worst."""
+    per_sm = WGMMA_CTAS_PER_SM[block_m, r]
+    ctas = triton.cdiv(m, block_m) * triton.cdiv(n, 64 * r) * split
+    waves = triton.cdiv(ctas, per_sm * sms)
+    co = min(per_sm, triton.cdiv(ctas, sms * waves))
+    tile = max(240, co * (0.08 * block_m * r + 36 * r + 0.11 * block_m))
+    epilogue = 0.21 * co * block_m * 64 * r if split > 1 else 0
+    return waves * (triton.cdiv(k_tiles, split) * tile + epilogue)
+
+
+def _pad_rows(m: int, block_m: int, warps: int) -> int:
+    """Zero rows the wgmma launch adds to X so that its TMA boxes stay inside it. With one warpgroup, TMA's fill
+    of rows past M measured up to 1.9x slower than reading zeros from memory once 24 or more of a tile's rows
+    were missing (H100: BN 64 worst, BN 128 up to 13%); with 8 warps the copy cost more than it saved."""
+    missing = -m % block_m
+    return missing if warps == 4 and missing >= 24 else 0
 
 
 def _fill256(m: int, n: int, sms: int) -> float:
@@ -649,8 +687,10 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
         if kind != "mma" and x.data_ptr() % 16:  # TMA and cp.async copy 16-byte aligned rows of X
             x = x.clone()
         if kind == "wgmma":
-            if k % 8:  # rows in whole 16 bytes: zero columns pad K to a multiple of 8 (the ring needs no pad)
-                x = torch.nn.functional.pad(x, (0, -k % 8))
+            # zero columns pad K to a multiple of 8 (rows in whole 16 bytes; the ring needs no pad); rows: _pad_rows
+            pad_m = _pad_rows(m, block_m, warps)
+            if k % 8 or pad_m:
+                x = torch.nn.functional.pad(x, (0, -k % 8, 0, pad_m))
             x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], X_SMEM_LAYOUT)
             _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m,
                                       R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
