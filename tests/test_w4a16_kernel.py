@@ -163,8 +163,8 @@ def test_wgmma_occupancy_table_matches_the_compile(compiled, bm, r):
     # The config cost model counts how many CTAs of each wgmma shape share an SM. Recompute it from the sm_90
     # compile (split and unsplit, the larger): 64K registers per SM allocated 8 per thread at a time, 228 KB of
     # shared memory with 1 KB reserved per CTA, at most 64 warps. A kernel change that moves these fails here.
-    regs = max(compiled[f"occupancy-{bm}-{r}-{a}"]["regs"] for a in (False, True))
-    smem = max(compiled[f"occupancy-{bm}-{r}-{a}"]["smem"] + compiled[f"occupancy-{bm}-{r}-{a}"]["shared"]
-               for a in (False, True))
+    runs = [compiled[f"occupancy-{bm}-{r}-{atomic}"] for atomic in (False, True)]
+    regs = max(k["regs"] for k in runs)
+    smem = max(k["smem"] + k["shared"] for k in runs)
     fits = min(65536 // (-(-regs // 8) * 8 * 128), 228 * 1024 // (smem + 1024), 64 // 4)
     assert fits == WGMMA_CTAS_PER_SM[bm, r], (regs, smem)
