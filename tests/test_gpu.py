@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group_size,sym", [(32, False), (64, True), (128, False), (-1, True)])
-@pytest.mark.parametrize("m", [1, 7, 16, 33, 128, 1000])
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 128, 300, 1000])
 @pytest.mark.parametrize("n,k", [(1000, 1100), (1008, 1040)])
 def test_w4a16_op_on_cuda(dtype, group_size, sym, m, n, k):
     # neither a multiple of the tile nor of the group; the second shape is in multiples of 16 (the ring kernel)

@@ -564,8 +564,11 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
     elif m <= 256:  # one warpgroup, 2 stages: tile rows, BN and split by the cost model
         block_m, r, split = _wgmma_pick(m, n, k_tiles, sms)
         return kind, block_m, r, 4, split, post, smem, stages
+    elif m < 512:  # 2-4 tiles of rows: whichever of three configs costs the fewest CTA waves
+        block_m, warps, stages = _wide_pick(m, n, sms)
+        return kind, block_m, r, warps, 1, post, smem, stages
     else:  # the grid is large: split K only where it is under one CTA per SM (its atomic epilogue costs)
-        block_m, warps, per_sm, stages = 128, 8, 1, 3 if m >= 512 or k_tiles > 64 else 2
+        block_m, warps, per_sm, stages = 128, 8, 1, 3
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 16 * r * warps)
     # small grids leave SMs idle: split K (wgmma: at least 4 of its 128-wide tiles per split, to fill the ring)
     split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles if kind != "wgmma" else k_tiles // 4))
@@ -601,6 +604,20 @@ def _wgmma_cost(m: int, n: int, k_tiles: int, sms: int, block_m: int, r: int, sp
     tile = max(240, co * (0.08 * block_m * r + 36 * r + 0.11 * block_m))
     epilogue = 0.21 * co * block_m * 64 * r if split > 1 else 0
     return waves * (triton.cdiv(k_tiles, split) * tile + epilogue)
+
+
+# (BLOCK_M, warps, stages) of the wgmma kernel for 256 < M < 512 (BN 16 x warps, no split), each with its time
+# per wave of CTAs relative to the first: fitted to an H100 sweep of 11 Llama layer shapes at M = 272-496
+# (benchmarks/NOTES-w4a16.md); the 4-warp one gets X padded to whole tiles (_pad_rows)
+WIDE_CONFIGS = {(128, 8, 3): 1.0, (256, 8, 2): 1.8, (128, 4, 2): 0.57}
+
+
+def _wide_pick(m: int, n: int, sms: int) -> tuple[int, int, int]:
+    """The WIDE_CONFIGS entry with the lowest relative cost x waves of CTAs (a wave: one CTA per SM)."""
+    def cost(c):
+        (block_m, warps, _), per_wave = c
+        return per_wave * triton.cdiv(triton.cdiv(m, block_m) * triton.cdiv(n, 16 * warps), sms)
+    return min(WIDE_CONFIGS.items(), key=cost)[0]
 
 
 def _pad_rows(m: int, block_m: int, warps: int) -> int:
