@@ -109,6 +109,8 @@ def _engine_args(p: argparse.ArgumentParser):
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
     p.add_argument("--no-prefix-sharing", action="store_true", help="do not share identical prompt blocks")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="wait for each step's sampled tokens before scheduling the next (slower; for debugging)")
     p.add_argument("--max-queued", type=int, default=d.max_queued,
                    help="requests in flight before new ones get 503")
 
@@ -120,7 +122,7 @@ def _engine_config(args):
                         kv_cache_fraction=args.kv_cache_fraction, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                         prefix_sharing=not args.no_prefix_sharing, cuda_graphs=not args.no_cuda_graphs,
-                        max_queued=args.max_queued)
+                        async_scheduling=not args.no_async_scheduling, max_queued=args.max_queued)
 
 
 def _device(arg):

@@ -130,6 +130,7 @@ class EngineConfig:
     max_model_len: int | None = None  # tokens per sequence; None: the model's max_seq_len
     prefix_sharing: bool = True  # identical full prompt blocks are computed once and shared
     cuda_graphs: bool = True  # decode steps replay CUDA graphs captured per batch-size bucket
+    async_scheduling: bool = True  # schedule and launch step N+1 before reading step N's tokens back
     max_queued: int = 1024  # server: requests in flight (waiting + running) before new ones get 503
 
     def __post_init__(self):

@@ -49,7 +49,8 @@ def _reference(model, prompts, params):
     EngineConfig(max_num_batched_tokens=24, block_size=8),  # chunked prefill, mixed prefill/decode steps
     EngineConfig(num_blocks=14, block_size=8, max_num_batched_tokens=64),  # blocks run out: preemption
     EngineConfig(max_num_seqs=3, prefix_sharing=False),
-], ids=["one-step", "chunked", "preempt", "few-seqs"])
+    EngineConfig(max_num_batched_tokens=24, block_size=8, async_scheduling=False),  # each step waits for its tokens
+], ids=["one-step", "chunked", "preempt", "few-seqs", "sync"])
 def test_greedy_equals_static_generate(model, tokenizer, config):
     prompts = _prompts(tokenizer)
     params = SamplingParams(max_new_tokens=40, temperature=0)
@@ -90,6 +91,9 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model, tokenizer):
     batch = LLM(model, tokenizer).generate(["Tom had a dog", "Once upon a time", "The sun"],
                                            [others, params, others], progress=False)
     assert batch[1].token_ids == alone.token_ids
+    synced = LLM(model, tokenizer, EngineConfig(async_scheduling=False)).generate(
+        ["Once upon a time"], params, progress=False)[0]
+    assert synced.token_ids == alone.token_ids  # async scheduling draws the same random numbers
     # the text continues the prompt: its first word keeps the space that decoding it alone would strip
     assert alone.text == tokenizer.decode([1] + tokenizer.encode("Once upon a time") + alone.token_ids)[
         len("Once upon a time"):]
@@ -202,8 +206,6 @@ def test_async_engine_crash_answers_every_request(model, tokenizer):
 def test_decode_bucket_path_on_cpu(model, tokenizer):
     """The CUDA-graph decode path's bookkeeping (static buffers, padding rows written to the scratch block with
     seq_len 0, block tables padded to max_model_len) on a CPU: each "graph" replays the captured call eagerly."""
-    from fourbit.engine.runner import batch_meta
-
     llm = LLM(model, tokenizer, EngineConfig(max_num_seqs=8, max_model_len=128))
     runner = llm.runner
 
@@ -212,8 +214,9 @@ def test_decode_bucket_path_on_cpu(model, tokenizer):
             self.static, self.out, self.greedy = static, out, greedy
 
         def replay(self):
-            self.out.copy_(model.forward_paged(self.static["tokens"], batch_meta(self.static, 1), runner.cache))
-            self.greedy.copy_(self.out.argmax(-1))
+            logits, greedy = runner.decode_step(self.static)
+            self.out.copy_(logits)
+            self.greedy.copy_(greedy)
 
     for b in (4, 8):  # 3 or 5 sequences land in a bigger bucket: padding rows are exercised
         static, logits, greedy = runner.decode_buffers(b), torch.empty(b, model.config.vocab_size), torch.empty(b).long()
@@ -221,13 +224,13 @@ def test_decode_bucket_path_on_cpu(model, tokenizer):
     prompts = _prompts(tokenizer, n=5, seed=3)
     params = SamplingParams(max_new_tokens=30, temperature=0)
     replays = []
-    original = runner.execute
+    original = runner.launch
 
-    def counting(batch):
+    def counting(batch, pending):
         replays.append(batch.is_decode and runner._bucket(len(batch.seqs)) is not None)
-        return original(batch)
+        return original(batch, pending)
 
-    runner.execute = counting
+    runner.launch = counting
     outs = llm.generate(prompts, params, progress=False)
     assert any(replays)  # the bucket path ran
     assert [o.token_ids for o in outs] == _reference(model, prompts, params)

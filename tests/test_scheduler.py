@@ -181,7 +181,10 @@ def test_abort_in_any_state():
     sched.check()
 
 
-def _soak(n_requests, seed):
+def _soak(n_requests, seed, overlap=False):
+    """Random requests through the scheduler and a simulated model that checks every K/V read and write.
+    overlap: as the engine's async scheduling does, each step is scheduled and "launched" before the previous
+    step's tokens are resolved (the model knows a pending token's value, as the device does)."""
     rng = random.Random(seed)
     bs, nb, max_len, budget, max_seqs = 4, 40, 64, 24, 8
     sched = _sched(num_blocks=nb, block_size=bs, max_num_seqs=max_seqs, budget=budget, max_model_len=max_len)
@@ -195,7 +198,7 @@ def _soak(n_requests, seed):
     stats = dict(preempted=0, cached=0, deep=0, model_len=0, stop=0, abort=0, steps=0)
 
     def values(s):
-        v, toks = chain.setdefault(s, []), s.tokens
+        v, toks = chain.setdefault(s, []), s.tokens + sampled_by_model.get(s, [])[-1:] * s.pending
         for p in range(len(v), len(toks)):
             v.append(hash((v[p - 1] if p else None, toks[p])))
         return v
@@ -223,7 +226,14 @@ def _soak(n_requests, seed):
             out.append(token)
         return out
 
-    while len(requests) < n_requests or sched.has_work:
+    launched = None  # (batch, advance()'s indices, sampled) when overlapping
+
+    def resolve(batch, done, sampled):
+        before = {s: len(s.output) for s in batch.seqs}
+        for s in sched.resolve([batch.seqs[i] for i in done], [sampled[i] for i in done]):
+            assert s.status is SeqStatus.FINISHED or len(s.output) == before[s] + 1
+
+    while len(requests) < n_requests or sched.has_work or launched:
         while len(requests) < n_requests and sched.num_waiting < 12 and rng.random() < 0.7:
             k = rng.choice([0, 0, 8, 17, 24])
             prompt = rng.choice(prefixes)[:k] + [rng.randrange(1, 50) for _ in range(rng.randrange(0 if k else 1, 40))]
@@ -238,8 +248,8 @@ def _soak(n_requests, seed):
         stats["preempted"] += len(batch.preempted)
         assert len(batch.seqs) <= max_seqs and sum(batch.num_new) <= budget and len(set(batch.seqs)) == len(batch.seqs)
         assert bool(batch.seqs) == had_work, "no progress"
-        assert batch.is_decode == all(n == 1 and s.num_computed == s.num_tokens - 1
-                                      for s, n in zip(batch.seqs, batch.num_new))
+        assert batch.is_decode == (bool(batch.seqs) and all(n == 1 and s.num_computed == s.num_tokens - 1
+                                                            for s, n in zip(batch.seqs, batch.num_new)))
         fresh = [s.num_cached for s in batch.seqs if s.num_cached > 0 and s.num_computed == s.num_cached]
         stats["cached"] += len(fresh)
         stats["deep"] += sum(c >= 3 * bs for c in fresh)
@@ -248,9 +258,15 @@ def _soak(n_requests, seed):
         sampled = model(batch)
         if batch.seqs and rng.random() < 0.01:
             sched.abort(rng.choice(batch.seqs).seq_id)
-        before = {s: len(s.output) for s in batch.seqs}
-        for s in sched.update(batch, sampled):
-            assert s.status is SeqStatus.FINISHED or len(s.output) == before[s] + 1
+        if launched:
+            resolve(*launched)
+            launched = None
+        if overlap:
+            launched = (batch, sched.advance(batch), sampled) if batch.seqs else None
+        else:
+            before = {s: len(s.output) for s in batch.seqs}
+            for s in sched.update(batch, sampled):
+                assert s.status is SeqStatus.FINISHED or len(s.output) == before[s] + 1
         sched.check()
 
     assert bm.num_free == nb and not sched.has_work
@@ -266,7 +282,8 @@ def _soak(n_requests, seed):
             assert out == got[:len(out)]
         elif s.finish_reason == "stop":
             stats["stop"] += 1
-            assert p.stop_at_eos and got == out + [EOS]
+            # overlapping, the step after the EOS was already launched: its token is dropped
+            assert p.stop_at_eos and got[:len(out) + 1] == out + [EOS] and len(got) <= len(out) + 1 + overlap
         else:
             assert s.finish_reason == "length"
             assert len(out) == p.max_new_tokens or s.num_tokens == max_len
@@ -275,9 +292,10 @@ def _soak(n_requests, seed):
     return stats
 
 
-def test_soak_random_requests():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_soak_random_requests(overlap):
     t0 = time.perf_counter()
-    stats = _soak(10_000, seed=0)
+    stats = _soak(10_000, seed=0, overlap=overlap)
     # the soak reached the paths it is meant to test
     assert stats["preempted"] > 50 and stats["cached"] > 1000 and stats["deep"] > 500, stats
     assert stats["model_len"] > 50 and stats["stop"] > 100 and stats["abort"] > 50, stats

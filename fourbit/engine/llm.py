@@ -31,7 +31,7 @@ from ..nn.fuse import fuse_projections_
 from .block_manager import BlockManager
 from .runner import Runner
 from .scheduler import Scheduler
-from .sequence import Sequence, SeqStatus
+from .sequence import Sequence
 
 
 @dataclass
@@ -72,6 +72,7 @@ class LLM:
                           stacklevel=2)
             self.max_model_len = self.scheduler.max_model_len
         self._ids = itertools.count()
+        self._launched = None  # (batch, Scheduler.advance's indices, Runner.launch's SampledTokens) not collected
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "preempted": 0}
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -100,9 +101,13 @@ class LLM:
 
     def abort(self, seq_id: int) -> None:
         self.scheduler.abort(seq_id)
+        if self._launched is not None:  # nothing left to collect from the launched step: forget it
+            batch, done, _ = self._launched
+            if all(batch.seqs[i].finish_reason == "abort" for i in done):
+                self._launched = None
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._launched is not None
 
     def warmup(self, progress: bool = True) -> float:
         """Run one prefill of each size class of the token budget (2^i - 1, 2^i, 2^i + 1 tokens) so that the
@@ -126,16 +131,31 @@ class LLM:
         return time.perf_counter() - t0
 
     def step(self) -> list[Sequence]:
-        """One engine step; returns the sequences that got a token or finished in it."""
+        """One engine step; returns the sequences that got a token or finished. With async scheduling
+        (EngineConfig.async_scheduling) those are the previous step's: this step is scheduled and launched
+        before the host waits for that one's tokens, so the GPU does not idle while the host works."""
         batch = self.scheduler.schedule()
         self.stats["preempted"] += len(batch.preempted)
         if not batch.seqs:
-            return []
-        sampled = self.runner.execute(batch)
+            return self._collect()
+        prev = self._launched
+        pending = {} if prev is None else {s: i for i, s in enumerate(prev[0].seqs) if s.pending}
+        sampled = self.runner.launch(batch, pending)
+        out = self._collect()
+        self._launched = batch, self.scheduler.advance(batch), sampled
         self.stats["steps"] += 1
         key = "decode_tokens" if batch.is_decode else "prefill_tokens"
         self.stats[key] += sum(batch.num_new)
-        return self.scheduler.update(batch, sampled)
+        return out if self.config.async_scheduling else out + self._collect()
+
+    def _collect(self) -> list[Sequence]:
+        """Wait for the launched step's sampled tokens and hand them to the scheduler (Scheduler.resolve)."""
+        if self._launched is None:
+            return []
+        batch, done, sampled = self._launched
+        self._launched = None
+        tokens = sampled.result()
+        return self.scheduler.resolve([batch.seqs[i] for i in done], [tokens[i] for i in done])
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = True) -> list[Completion]:
@@ -152,7 +172,7 @@ class LLM:
             while self.has_work():
                 for seq in self.step():
                     produced += 1
-                    if seq.status is SeqStatus.FINISHED:
+                    if seq.is_finished:
                         bar.update(1)
                 bar.set_postfix_str(f"{produced / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
         def text(s):  # as it continues the prompt (a SentencePiece first word keeps its leading space)
@@ -276,8 +296,10 @@ class AsyncLLM:
                 if not self.llm.has_work():
                     continue
                 for seq in self.llm.step():
-                    req = live[seq.seq_id]
-                    finished = seq.status is SeqStatus.FINISHED
+                    req = live.get(seq.seq_id)
+                    if req is None:  # aborted after its last step was launched
+                        continue
+                    finished = seq.is_finished
                     req.send(RequestOutput(seq.output[req.sent:], seq.finish_reason if finished else None,
                                            len(seq.prompt), seq.num_cached))
                     req.sent = len(seq.output)

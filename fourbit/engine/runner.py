@@ -4,6 +4,10 @@ cache, samples the next tokens.
 Decode steps (every sequence computes one token) replay a CUDA graph captured for the smallest batch-size
 bucket that holds the batch; the rows past the batch are padding: token 0 at a scratch slot with seq_len 0,
 which the attention kernel skips. Prefill and mixed steps run eagerly.
+
+A launch does not wait for the device: its sampled tokens come back through a SampledTokens handle, and stay on
+the device (`last`, by batch row) so that the next launch, scheduled before the host has read them (async
+scheduling, engine/llm.py), takes its pending input tokens from there.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from ..models.attention import BatchMeta, PagedKVCache
 from ..models.generate import nucleus
 from ..models.llama import LlamaModel
 from .scheduler import ScheduledBatch
+from .sequence import Sequence
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 CPU_CACHE_BYTES = 2 << 30  # default KV cache on a CPU: enough for tests and small models
@@ -34,8 +39,17 @@ class Runner:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # bucket -> (graph, its static inputs, its logits, their argmax); page-locked staging for the inputs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor, torch.Tensor]] = {}
-        self._pinned: dict[int, dict[str, torch.Tensor]] = {}
+        self._pinned: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self._stage = 0
+        # each launch's sampled tokens by batch row, on the device (the next launch reads its pending tokens
+        # there) and on their way to the host through two alternating page-locked buffers
+        rows = config.max_num_seqs
+        self.last = torch.zeros(rows, dtype=torch.long, device=self.device)
+        pin = self.device.type == "cuda"
+        self._host_tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
         self.capture_seconds = 0.0
+        self._logits = None  # every decode graph's logits, in its leading rows (one buffer instead of one each)
         if config.cuda_graphs and self.device.type == "cuda":
             self._capture_graphs()
 
@@ -82,9 +96,11 @@ class Runner:
 
     # -- one step -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[int | None]:
-        """Run the batch's tokens; returns the sampled token of each sequence whose step completed its known
-        tokens (a decode, or the last chunk of a prefill), None for the others."""
+    def launch(self, batch: ScheduledBatch, pending: dict[Sequence, int]) -> SampledTokens:
+        """Start the batch's step on the device without waiting for it; its SampledTokens hold the token of each
+        sequence whose step completes its tokens (a decode, or the last chunk of a prefill). pending: the
+        sequences whose last token the previous launch sampled and the host does not know yet, each with its
+        row there; the device reads those tokens from that launch's output (async scheduling)."""
         bs = self.config.block_size
         s = len(batch.seqs)
         graph = self._bucket(s) if batch.is_decode else None
@@ -104,8 +120,13 @@ class Runner:
         tokens = [t for seq, n in zip(batch.seqs, batch.num_new) for t in seq.token_range(seq.num_computed,
                                                                                            seq.num_computed + n)]
         pad = rows - s
+        src = np.full(len(tokens) + pad, -1, dtype=np.int64)  # a pending token's row in the previous output
+        for i, seq in enumerate(batch.seqs):
+            if seq in pending:  # its pending token is the last of its new tokens
+                src[query_start[i + 1] - 1] = pending[seq]
         host = {
             "tokens": np.asarray(tokens + [0] * pad, dtype=np.int64),
+            "src": src,
             "positions": np.concatenate((positions, np.zeros(pad, dtype=np.int64))),
             "slots": np.concatenate((block_tables[row, positions // bs].astype(np.int64) * bs + positions % bs,
                                      np.full(pad, scratch * bs, dtype=np.int64))),
@@ -114,29 +135,52 @@ class Runner:
         }
         if graph is not None:  # query_start and last of a decode bucket are fixed aranges, captured as such
             g, static, logits, greedy = self.graphs[graph]
-            pinned = self._pinned[graph]
-            for name, a in host.items():  # through page-locked staging: the copies do not block the host
+            # through page-locked staging: the copies do not block the host. Two sets, alternating: the previous
+            # launch's copies may not have run yet, the one before it has (its tokens were collected)
+            self._stage ^= 1
+            pinned = self._pinned[graph][self._stage]
+            for name, a in host.items():
                 pinned[name].numpy()[...] = a
                 static[name].copy_(pinned[name], non_blocking=True)
-            g.replay()
-            if all(seq.params.temperature == 0 for seq in batch.seqs):  # the argmax ran inside the graph
-                return greedy[:s].tolist()
-            return self._sample(logits[:s], batch.seqs, greedy[:s].clone())  # every row of a decode samples
+            g.replay()  # decode_step: the argmax is in self.last already
+            if all(seq.params.temperature == 0 for seq in batch.seqs):
+                return self._to_host(greedy[:s], list(range(s)), in_last=True)
+            return self._to_host(self._sample(logits[:s], batch.seqs, greedy[:s].clone()), list(range(s)))
         host["query_start"] = query_start.astype(np.int32)
         host["last"] = query_start[1:].astype(np.int64) - 1
         dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
-        logits = self.model.forward_paged(dev["tokens"], batch_meta(dev, max(batch.num_new)), self.cache)
+        tokens = self._with_pending(dev["tokens"], dev["src"]) if pending else dev["tokens"]
+        logits = self.model.forward_paged(tokens, batch_meta(dev, max(batch.num_new)), self.cache)
         want = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)) if seq.num_computed + n == seq.num_tokens]
-        out: list[int | None] = [None] * s
-        if want:
-            picked = self._sample(logits[want], [batch.seqs[i] for i in want])
-            for i, t in zip(want, picked):
-                out[i] = t
-        return out
+        if not want:
+            return SampledTokens(None, None, [], s)
+        return self._to_host(self._sample(logits[want], [batch.seqs[i] for i in want]), want, size=s)
 
-    def _sample(self, logits, seqs, greedy=None) -> list[int]:
-        """logits (S, V) float32 -> one token per sequence, each with its own SamplingParams. greedy: the
-        logits' argmax when already computed (a decode graph's)."""
+    def _with_pending(self, tokens, src):
+        """The step's input tokens with each pending one (src >= 0) read from the previous launch's output."""
+        return torch.where(src >= 0, self.last[src.clamp(min=0)], tokens)
+
+    def _to_host(self, sampled, rows: list[int], in_last: bool = False, size: int | None = None) -> SampledTokens:
+        """Keep sampled[j], the token of batch row rows[j], in self.last at that row for the next launch (unless
+        a graph put it there: in_last) and start its copy to the host. The page-locked buffers alternate, so a
+        launch's copy never lands in the one whose tokens the host has not read yet."""
+        if not in_last:
+            if rows[-1] == len(rows) - 1:  # rows 0..n-1
+                self.last[:len(rows)].copy_(sampled)
+            else:
+                self.last[torch.tensor(rows, device=self.device)] = sampled
+        self._flip ^= 1
+        host = self._host_tokens[self._flip][:len(rows)]
+        host.copy_(sampled, non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return SampledTokens(host, done, rows, len(rows) if size is None else size)
+
+    def _sample(self, logits, seqs, greedy=None) -> torch.Tensor:
+        """logits (S, V) float32 -> one token per sequence (on the device), each with its own SamplingParams.
+        greedy: the logits' argmax when already computed (a decode graph's)."""
         out = logits.argmax(-1) if greedy is None else greedy  # greedy rows keep this
         hot = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
         if hot:
@@ -154,7 +198,7 @@ class Runner:
                     if seq.generator is None:
                         seq.generator = torch.Generator(device=logits.device).manual_seed(x.seed)
                     out[hot[j]] = torch.multinomial(probs[j:j + 1], 1, generator=seq.generator)[0, 0]
-        return out.tolist()
+        return out
 
     # -- CUDA graphs ----------------------------------------------------------------------------------------
     def _bucket(self, s: int) -> int | None:
@@ -164,10 +208,11 @@ class Runner:
         return None
 
     def decode_buffers(self, b: int) -> dict:
-        """The static inputs of a decode graph of b rows, all padding until execute() fills them."""
+        """The static inputs of a decode graph of b rows, all padding until launch() fills them."""
         dev, scratch, bs = self.device, self.cache.scratch_block, self.config.block_size
         return {
             "tokens": torch.zeros(b, dtype=torch.long, device=dev),
+            "src": torch.full((b,), -1, dtype=torch.long, device=dev),
             "positions": torch.zeros(b, dtype=torch.long, device=dev),
             "slots": torch.full((b,), scratch * bs, dtype=torch.long, device=dev),
             "block_tables": torch.full((b, self.max_blocks), scratch, dtype=torch.int32, device=dev),
@@ -185,26 +230,50 @@ class Runner:
         if not sizes or sizes[-1] < self.config.max_num_seqs:
             sizes.append(self.config.max_num_seqs)
         pool = torch.cuda.graph_pool_handle()
+        self._logits = torch.empty(sizes[-1], self.model.config.vocab_size, device=dev)
         for b in reversed(sizes):
             static = self.decode_buffers(b)
-            meta = batch_meta(static, 1)
             result = []
-
-            def step():
-                logits = self.model.forward_paged(static["tokens"], meta, self.cache)
-                result.append((logits, logits.argmax(-1)))
-
-            self.install_graph(b, capture(step, dev, pool), static, *result[-1])
+            self.install_graph(b, capture(lambda: result.append(self.decode_step(static)), dev, pool), static,
+                               *result[-1])
         torch.cuda.synchronize(dev)
         self.capture_seconds = time.perf_counter() - t0
 
+    def decode_step(self, static: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a decode graph runs on its static inputs (decode_buffers): the pending tokens read from the
+        previous launch's output, the model, the argmax (also left in self.last). Returns (logits, argmax)."""
+        b = len(static["tokens"])
+        logits = self.model.forward_paged(self._with_pending(static["tokens"], static["src"]), batch_meta(static, 1),
+                                          self.cache, None if self._logits is None else self._logits[:b])
+        greedy = logits.argmax(-1)
+        self.last[:len(greedy)].copy_(greedy)
+        return logits, greedy
+
     def install_graph(self, b: int, graph, static: dict, logits, greedy):
-        """Make `graph` (anything with replay()) bucket b's decode step: it reads `static` (decode_buffers(b))
-        and writes `logits` and their argmax `greedy`. Its inputs are staged in page-locked host memory."""
+        """Make `graph` (anything with replay()) bucket b's decode step: it runs decode_step(static) and so
+        writes `logits` and their argmax `greedy`. Its inputs are staged in page-locked host memory."""
         pin = self.device.type == "cuda"
-        self._pinned[b] = {name: torch.empty_like(static[name], device="cpu", pin_memory=pin)
-                           for name in ("tokens", "positions", "slots", "block_tables", "seq_lens")}
+        self._pinned[b] = [{name: torch.empty_like(static[name], device="cpu", pin_memory=pin)
+                            for name in ("tokens", "src", "positions", "slots", "block_tables", "seq_lens")}
+                           for _ in range(2)]
         self.graphs = dict(sorted({**self.graphs, b: (graph, static, logits, greedy)}.items()))
+
+
+class SampledTokens:
+    """A launch's sampled tokens on their way to the host (Runner.launch); result() waits for them."""
+
+    def __init__(self, host: torch.Tensor | None, done, rows: list[int], size: int):
+        self.host, self.done, self.rows, self.size = host, done, rows, size
+
+    def result(self) -> list[int | None]:
+        """The token of each batch row that sampled, None for the others (a prefill chunk short of the end)."""
+        out: list[int | None] = [None] * self.size
+        if self.rows:
+            if self.done is not None:
+                self.done.synchronize()
+            for r, t in zip(self.rows, self.host.tolist()):
+                out[r] = t
+        return out
 
 
 def batch_meta(t: dict, max_query_len: int) -> BatchMeta:

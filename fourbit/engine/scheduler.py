@@ -154,28 +154,55 @@ class Scheduler:
         last token, else None. Returns the sequences that got a token or finished, in batch order."""
         if len(sampled) != len(batch.seqs):
             raise RuntimeError(f"update got {len(sampled)} sampled tokens for a batch of {len(batch.seqs)}")
-        out = []
-        for seq, n, token in zip(batch.seqs, batch.num_new, sampled):
-            if seq.status is not SeqStatus.RUNNING:  # aborted between schedule() and update()
+        done = self.advance(batch)
+        return self.resolve([batch.seqs[i] for i in done], [sampled[i] for i in done])
+
+    def advance(self, batch: ScheduledBatch) -> list[int]:
+        """The first half of update(), before the sampled tokens are known: count the step's tokens as computed,
+        mark each sequence that reached its last token `pending` (or finish it: "length" is known without the
+        token's value). Returns the batch indices of those sequences, for resolve()."""
+        done = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
+            if seq.status is not SeqStatus.RUNNING:  # aborted between schedule() and now
                 continue
             seq.num_computed += n
             self.bm.commit(seq)
             if seq.num_computed < seq.num_tokens:  # a prefill chunk that did not reach the end
                 continue
-            params = seq.params
-            if len(seq.output) >= params.max_new_tokens:  # max_new_tokens == 0: prefill only
+            done.append(i)
+            if len(seq.output) < seq.params.max_new_tokens:  # max_new_tokens == 0: prefill only, no token
+                seq.pending = True
+            if seq.num_output >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
                 self._finish(seq, "length")
-            elif token is None:
-                raise RuntimeError(f"sequence {seq.seq_id} completed its tokens but no token was sampled")
-            elif params.stop_at_eos and int(token) in self.eos_ids:
-                self._finish(seq, "stop")
-            else:
-                seq.output.append(int(token))
-                if len(seq.output) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len:
-                    self._finish(seq, "length")
-            out.append(seq)
-        if any(s.status is SeqStatus.FINISHED for s in out):
+        if any(batch.seqs[i].status is SeqStatus.FINISHED for i in done):
             self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
+        return done
+
+    def resolve(self, seqs: list[Sequence], sampled: list[int | None]) -> list[Sequence]:
+        """The second half of update(): the sampled tokens of the sequences advance() returned. A token is
+        appended, or an EOS finishes its sequence with "stop" (wherever it is by now: running, preempted to the
+        waiting queue, or finished for length). Returns the sequences to report; aborted ones are not."""
+        out = []
+        for seq, token in zip(seqs, sampled):
+            if seq.finish_reason == "abort":
+                seq.pending = False
+                continue
+            if seq.pending:
+                if token is None:
+                    raise RuntimeError(f"sequence {seq.seq_id} completed its tokens but no token was sampled")
+                seq.pending = False
+                if seq.params.stop_at_eos and int(token) in self.eos_ids:
+                    if seq.status is SeqStatus.RUNNING:
+                        self.running.remove(seq)
+                    elif seq.status is SeqStatus.WAITING:
+                        self.waiting.remove(seq)
+                    if seq.status is SeqStatus.FINISHED:
+                        seq.finish_reason = "stop"
+                    else:
+                        self._finish(seq, "stop")
+                else:
+                    seq.output.append(int(token))
+            out.append(seq)
         return out
 
     def _preempt(self, seq: Sequence) -> None:
@@ -211,7 +238,7 @@ class Scheduler:
                 fail(f"running sequence {s.seq_id} is {s.status} with {s.num_computed}/{s.num_tokens} computed")
             if len(s.block_table) != cdiv(s.num_computed, bs):
                 fail(f"sequence {s.seq_id}: {len(s.block_table)} blocks for {s.num_computed} computed tokens")
-            if s.num_tokens > self.max_model_len or len(s.output) > s.params.max_new_tokens:
+            if s.num_tokens > self.max_model_len or s.num_output > s.params.max_new_tokens:
                 fail(f"sequence {s.seq_id} outgrew its limits")
         live = list(self.waiting) + self.running
         if len(live) != len(self._live) or any(self._live.get(s.seq_id) is not s for s in live):

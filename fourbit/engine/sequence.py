@@ -4,6 +4,10 @@ Token/step semantics (shared with the scheduler and the runner): `tokens = promp
 `num_computed` tokens have K/V in the cache, in the physical blocks listed in `block_table` (token t lives in
 block `block_table[t // block_size]` at offset `t % block_size`). A step computes
 `tokens[num_computed : num_computed + n]`; when that reaches the last token, the step samples one new token.
+
+With async scheduling (EngineConfig.async_scheduling) a sampled token reaches the host one step late: until
+then the sequence is `pending`, its token counted in num_tokens (the next step is scheduled and launched with it,
+the runner taking its value on the device) but not yet in `output` or `tokens`.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None  # "stop" (EOS), "length" (max_new_tokens or max_model_len), "abort"
     generator: object = None  # the torch.Generator of a request with its own seed (made at its first sample)
+    pending: bool = False  # a token was sampled on the device and is not yet in `output`
 
     def __post_init__(self):
         # plain ints: prefix sharing keys blocks by token tuples, and a tensor or numpy scalar would hash by
@@ -44,16 +49,22 @@ class Sequence:
         return self.prompt + self.output
 
     def token_range(self, start: int, end: int) -> list[int]:
-        """tokens[start:end] without building the whole list (the runner asks every step)."""
+        """tokens[start:end] without building the whole list (the runner asks every step); a pending token
+        (end = num_tokens) reads as 0, a placeholder the runner replaces on the device."""
         p = len(self.prompt)
-        if start >= p:
-            return self.output[start - p:end - p]
-        return self.prompt[start:end] + self.output[:max(0, end - p)]
+        known = self.output[start - p:end - p] if start >= p else self.prompt[start:end] + self.output[:max(0, end - p)]
+        return known + [0] if self.pending and start < self.num_tokens <= end else known
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        return len(self.prompt) + len(self.output) + self.pending
+
+    @property
+    def num_output(self) -> int:
+        """Output tokens sampled so far, a pending one included."""
+        return len(self.output) + self.pending
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SeqStatus.FINISHED
+        """Finished with its last token in `output` (a sequence finished for length may still await it)."""
+        return self.status is SeqStatus.FINISHED and not self.pending

@@ -161,15 +161,15 @@ class LlamaModel(nn.Module):
         mask = None if plain else self._mask(slots, pad, start if cache is None else 0, start + T)  # (B, 1, T, S)
         return self._layers(h, cos, sin, DenseContext(mask, cache, start))
 
-    def forward_paged(self, tokens, meta: BatchMeta, cache: PagedKVCache):
+    def forward_paged(self, tokens, meta: BatchMeta, cache: PagedKVCache, out=None):
         """The serving engine's step: tokens (T,) of S sequences (models/attention.py: BatchMeta says where
-        each sits). Returns float32 logits (S, V) of each sequence's last new token."""
+        each sits). Returns float32 logits (S, V) of each sequence's last new token, in `out` when given."""
         angles = meta.positions[:, None].to(torch.float64) * self.inv_freq  # (T, D/2)
         h = self.embed_tokens(tokens)[None]  # (1, T, dim)
         cos, sin = angles.cos().to(h.dtype)[None], angles.sin().to(h.dtype)[None]
-        return self._layers(h, cos, sin, PagedContext(meta, cache, self.config.sliding_window), rows=meta.last)
+        return self._layers(h, cos, sin, PagedContext(meta, cache, self.config.sliding_window), meta.last, out)
 
-    def _layers(self, h, cos, sin, ctx, rows=None):
+    def _layers(self, h, cos, sin, ctx, rows=None, out=None):
         """The decoder blocks, final norm and classifier; logits of all positions, or of h[0, rows] (S,)."""
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, self.config.rope_interleaved, ctx, i)
@@ -177,7 +177,8 @@ class LlamaModel(nn.Module):
             h = h[0, rows]  # (S, dim): the classifier runs only where a token is sampled
         h = self.norm(h)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, head).to(torch.promote_types(h.dtype, torch.float32))
+        logits = F.linear(h, head)
+        return logits.to(torch.promote_types(h.dtype, torch.float32)) if out is None else out.copy_(logits)
 
     def _mask(self, slots, pad, first_key: int, end: int):
         """Boolean (B, 1, T, S) mask over key slots [first_key, end): causal, no padding, sliding window."""
