@@ -138,8 +138,8 @@ class LLM:
         self.stats["preempted"] += len(batch.preempted)
         if not batch.seqs:
             return self._collect()
-        prev = self._launched
-        pending = {} if prev is None else {s: i for i, s in enumerate(prev[0].seqs) if s.pending}
+        prev = self._launched  # its sequences still pending: their tokens are this step's inputs, on the device
+        pending = {} if prev is None else {prev[0].seqs[i]: i for i in prev[1] if prev[0].seqs[i].pending}
         sampled = self.runner.launch(batch, pending)
         out = self._collect()
         self._launched = batch, self.scheduler.advance(batch), sampled

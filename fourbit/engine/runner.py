@@ -40,9 +40,10 @@ class Runner:
         # bucket -> (graph, its static inputs, its logits, their argmax); page-locked staging for the inputs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor, torch.Tensor]] = {}
         self._pinned: dict[int, list[dict[str, torch.Tensor]]] = {}
-        self._stage = 0
         # each launch's sampled tokens by batch row, on the device (the next launch reads its pending tokens
-        # there) and on their way to the host through two alternating page-locked buffers
+        # there) and on their way to the host through two page-locked buffers. Launches alternate (`_flip`)
+        # between the two buffers and between two sets of staged graph inputs: the previous launch's copies
+        # may not have run yet, the one before it has (the host has collected its tokens).
         rows = config.max_num_seqs
         self.last = torch.zeros(rows, dtype=torch.long, device=self.device)
         pin = self.device.type == "cuda"
@@ -103,6 +104,7 @@ class Runner:
         row there; the device reads those tokens from that launch's output (async scheduling)."""
         bs = self.config.block_size
         s = len(batch.seqs)
+        self._flip ^= 1
         graph = self._bucket(s) if batch.is_decode else None
         rows = graph if graph is not None else s
         tables = [seq.block_table for seq in batch.seqs]
@@ -135,17 +137,14 @@ class Runner:
         }
         if graph is not None:  # query_start and last of a decode bucket are fixed aranges, captured as such
             g, static, logits, greedy = self.graphs[graph]
-            # through page-locked staging: the copies do not block the host. Two sets, alternating: the previous
-            # launch's copies may not have run yet, the one before it has (its tokens were collected)
-            self._stage ^= 1
-            pinned = self._pinned[graph][self._stage]
+            pinned = self._pinned[graph][self._flip]  # page-locked staging: the copies do not block the host
             for name, a in host.items():
                 pinned[name].numpy()[...] = a
                 static[name].copy_(pinned[name], non_blocking=True)
             g.replay()  # decode_step: the argmax is in self.last already
             if all(seq.params.temperature == 0 for seq in batch.seqs):
-                return self._to_host(greedy[:s], list(range(s)), in_last=True)
-            return self._to_host(self._sample(logits[:s], batch.seqs, greedy[:s].clone()), list(range(s)))
+                return self._to_host(greedy[:s], s, in_last=True)
+            return self._to_host(self._sample(logits[:s], batch.seqs, greedy[:s].clone()), s)
         host["query_start"] = query_start.astype(np.int32)
         host["last"] = query_start[1:].astype(np.int64) - 1
         dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
@@ -153,30 +152,28 @@ class Runner:
         logits = self.model.forward_paged(tokens, batch_meta(dev, max(batch.num_new)), self.cache)
         want = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)) if seq.num_computed + n == seq.num_tokens]
         if not want:
-            return SampledTokens(None, None, [], s)
-        return self._to_host(self._sample(logits[want], [batch.seqs[i] for i in want]), want, size=s)
+            return SampledTokens(None, None, s, [])
+        return self._to_host(self._sample(logits[want], [batch.seqs[i] for i in want]), s, want)
 
     def _with_pending(self, tokens, src):
         """The step's input tokens with each pending one (src >= 0) read from the previous launch's output."""
         return torch.where(src >= 0, self.last[src.clamp(min=0)], tokens)
 
-    def _to_host(self, sampled, rows: list[int], in_last: bool = False, size: int | None = None) -> SampledTokens:
-        """Keep sampled[j], the token of batch row rows[j], in self.last at that row for the next launch (unless
-        a graph put it there: in_last) and start its copy to the host. The page-locked buffers alternate, so a
-        launch's copy never lands in the one whose tokens the host has not read yet."""
+    def _to_host(self, sampled, size: int, rows: list[int] | None = None, in_last=False) -> SampledTokens:
+        """Keep sampled[j], the token of batch row rows[j] (every row 0..size-1 when rows is None), in self.last
+        at that row for the next launch (unless a graph put it there: in_last) and start its copy to the host."""
         if not in_last:
-            if rows[-1] == len(rows) - 1:  # rows 0..n-1
-                self.last[:len(rows)].copy_(sampled)
+            if rows is None:
+                self.last[:size].copy_(sampled)
             else:
                 self.last[torch.tensor(rows, device=self.device)] = sampled
-        self._flip ^= 1
-        host = self._host_tokens[self._flip][:len(rows)]
+        host = self._host_tokens[self._flip][:len(sampled)]
         host.copy_(sampled, non_blocking=True)
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        return SampledTokens(host, done, rows, len(rows) if size is None else size)
+        return SampledTokens(host, done, size, rows)
 
     def _sample(self, logits, seqs, greedy=None) -> torch.Tensor:
         """logits (S, V) float32 -> one token per sequence (on the device), each with its own SamplingParams.
@@ -262,17 +259,20 @@ class Runner:
 class SampledTokens:
     """A launch's sampled tokens on their way to the host (Runner.launch); result() waits for them."""
 
-    def __init__(self, host: torch.Tensor | None, done, rows: list[int], size: int):
-        self.host, self.done, self.rows, self.size = host, done, rows, size
+    def __init__(self, host: torch.Tensor | None, done, size: int, rows: list[int] | None):
+        self.host, self.done, self.size, self.rows = host, done, size, rows  # rows None: every batch row
 
     def result(self) -> list[int | None]:
         """The token of each batch row that sampled, None for the others (a prefill chunk short of the end)."""
+        if self.rows == []:
+            return [None] * self.size
+        if self.done is not None:
+            self.done.synchronize()
+        if self.rows is None:
+            return self.host.tolist()
         out: list[int | None] = [None] * self.size
-        if self.rows:
-            if self.done is not None:
-                self.done.synchronize()
-            for r, t in zip(self.rows, self.host.tolist()):
-                out[r] = t
+        for r, t in zip(self.rows, self.host.tolist()):
+            out[r] = t
         return out
 
 
