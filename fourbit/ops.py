@@ -110,3 +110,16 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 @paged_kv_write.register_fake
 def _(k, v, k_cache, v_cache, slots):
     return None
+
+
+@torch.library.custom_op("fourbit::rope_paged_kv_write", mutates_args=("k_cache", "v_cache"))
+def rope_paged_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slots: torch.Tensor) -> torch.Tensor:
+    """rope of q and k, the rotated k and v stored at slots of the paged caches (one launch) -> the rotated q."""
+    return _impl("fused", "rope_paged_kv_write", q)(q, k, v, cos, sin, interleaved, k_cache, v_cache, slots)
+
+
+@rope_paged_kv_write.register_fake
+def _(q, k, v, cos, sin, interleaved, k_cache, v_cache, slots):
+    return q.new_empty(q.shape)

@@ -131,6 +131,26 @@ def test_paged_kv_write(dtype, src_dtype, t, hkv, d, d_stored, bs):
     torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype,src_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float32)], ids=["fp16", "bf16", "fp32-to-fp16"])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "rotate-half"])
+@pytest.mark.parametrize("t,hq,hkv,d,d_stored,bs", [(1, 8, 4, 8, 32, 16), (7, 6, 3, 80, 128, 8),
+                                                    (37, 4, 2, 64, 64, 16), (5, 32, 8, 128, 128, 32)])
+def test_rope_paged_kv_write(dtype, src_dtype, interleaved, t, hq, hkv, d, d_stored, bs):
+    """The one-launch rope + KV write equals rope, then paged_kv_write of the rotated k: q and the cached k within
+    one rounding (the rotation), v and the zero columns exact, every other slot untouched (NaN)."""
+    gen = _gen("rope-kv", interleaved, t, hq, d)
+    k, v, slots, (kc, vc, kc_ref, vc_ref) = _kv_case(t, hkv, d, d_stored, bs, dtype, src_dtype, gen)
+    q = _randn((t, hq, d), gen, dtype)
+    angles = torch.rand(t, d // 2, generator=gen) * 100
+    cos, sin = angles.cos().to(DEVICE, src_dtype), angles.sin().to(DEVICE, src_dtype)
+    qo = fused.rope_paged_kv_write(q, k, v, cos, sin, interleaved, kc, vc, slots)
+    _close(qo, ref.rope_paged_kv_write_ref(q, k, v, cos, sin, interleaved, kc_ref, vc_ref, slots))
+    assert torch.isnan(kc).sum() == torch.isnan(kc_ref).sum() > 0
+    _close(kc.nan_to_num(), kc_ref.nan_to_num())
+    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
+
+
 # ---- the twins against textbook formulas (float64) -------------------------------------------------------------
 
 def test_references_match_the_formulas():
@@ -176,7 +196,9 @@ def test_ops_registrations():
     kc, vc = torch.zeros(3, 2, 4, 32), torch.zeros(3, 2, 4, 32)
     cases = [(ops.rms_norm, (x, w[0], 1e-5)), (ops.add_rms_norm, (x, r, w[0], 1e-5)),
              (ops.rope, (q, k, cs.cos(), cs.sin(), True)), (ops.silu_mul, (x, r)),
-             (ops.paged_kv_write, (k, k.clone(), kc, vc, torch.tensor([0, 5, 6, 11])))]
+             (ops.paged_kv_write, (k, k.clone(), kc, vc, torch.tensor([0, 5, 6, 11]))),
+             (ops.rope_paged_kv_write, (q, k, k.clone(), cs.cos(), cs.sin(), False, kc, vc,
+                                        torch.tensor([1, 2, 7, 9])))]
     for op, args in cases:
         torch.library.opcheck(op, args)
 

@@ -8,6 +8,8 @@ Math (fp32 inside, one rounding to the output dtype at the end; torch twins in k
                     (i, i + D/2) (rotate-half, HF), q (T, Hq, D) and k (T, Hkv, D) in one launch; cos, sin (T, D/2)
     silu_mul        y = g / (1 + exp(−g)) · u                                   g, u (M, H) -> y (M, H)
     paged_kv_write  cache[slot // bs, h, slot % bs] = (k[t, h], zeros up to the cache's head dim), k and v alike
+    rope_paged_kv_write  rope of q and k, the rotated k and v stored as paged_kv_write does -> rotated q: one launch
+                    where a paged decoder layer had two
 
 Inputs may be strided (views of a fused qkv / gate_up output) as long as the last dim is contiguous; outputs are
 new contiguous tensors. Launch grids depend only on shapes, and nothing reads the device: CUDA-graph safe.
@@ -70,19 +72,50 @@ def _rotate(x_ptr, o_ptr, heads, half, stride_h, stride_oh, cos, sin,
 
 
 @triton.jit
+def _angles(cos_ptr, sin_ptr, half, BLOCK_D: tl.constexpr):
+    """One token's cos and sin rows (1, BLOCK_D) in fp32, zero past D/2."""
+    i = tl.arange(0, BLOCK_D)[None, :]
+    cos = tl.load(cos_ptr + i, mask=i < half, other=0.0).to(tl.float32)
+    return cos, tl.load(sin_ptr + i, mask=i < half, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, hq, hkv, half,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
                  stride_qot, stride_qoh, stride_kot, stride_koh,
                  INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, BLOCK_D)[None, :]
-    cos = tl.load(cos_ptr + t * stride_ct + i, mask=i < half, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + t * stride_st + i, mask=i < half, other=0.0).to(tl.float32)
+    cos, sin = _angles(cos_ptr + t * stride_ct, sin_ptr + t * stride_st, half, BLOCK_D)
     _rotate(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, hq, half, stride_qh, stride_qoh, cos, sin,
             INTERLEAVED, BLOCK_H, BLOCK_D)
     _rotate(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, hkv, half, stride_kh, stride_koh, cos, sin,
             INTERLEAVED, BLOCK_H, BLOCK_D)
+
+
+@triton.jit
+def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slots_ptr, hq, hkv, half, d_stored,
+                    block_size, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
+                    stride_qot, stride_qoh, stride_cb, stride_ch, stride_cs,
+                    INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DS: tl.constexpr, PDL: tl.constexpr):
+    """_rope_kernel with the rotated k and v of token t written to its cache slot (_paged_kv_write_kernel)."""
+    pdl_start(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    cos, sin = _angles(cos_ptr + t * stride_ct, sin_ptr + t * stride_st, half, BLOCK_D)
+    _rotate(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, hq, half, stride_qh, stride_qoh, cos, sin,
+            INTERLEAVED, BLOCK_H, BLOCK_D)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
+    _rotate(k_ptr + t * stride_kt, kc_ptr + dst, hkv, half, stride_kh, stride_ch, cos, sin,
+            INTERLEAVED, BLOCK_H, BLOCK_D)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    c = tl.arange(0, BLOCK_DS)[None, :]
+    stored = (h < hkv) & (c < d_stored)
+    pad = stored & (c >= 2 * half)  # the cache's zero columns past the head dim
+    tl.store(kc_ptr + dst + h * stride_ch + c, tl.zeros((BLOCK_H, BLOCK_DS), kc_ptr.dtype.element_ty), mask=pad)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + c, mask=stored & (c < 2 * half), other=0.0)
+    tl.store(vc_ptr + dst + h * stride_ch + c, v.to(vc_ptr.dtype.element_ty), mask=stored)
 
 
 @triton.jit
@@ -155,16 +188,21 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return _norm(x, residual, weight, eps)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
-    """q (T, Hq, D), k (T, Hkv, D); cos, sin (T, D/2) -> rotated (q, k), new contiguous tensors in their dtypes."""
+def _check_rope(q, k, cos, sin):
     if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
         raise FourbitError(f"rope wants q (T, Hq, D), k (T, Hkv, D) with one even D; got {tuple(q.shape)}, "
                            f"{tuple(k.shape)}")
-    t, hq, d = q.shape
-    half = d // 2
+    t, half = q.shape[0], q.shape[2] // 2
     if cos.shape != (t, half) or sin.shape != (t, half):
         raise FourbitError(f"rope wants cos and sin of shape ({t}, {half}); got {tuple(cos.shape)}, "
                            f"{tuple(sin.shape)}")
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool):
+    """q (T, Hq, D), k (T, Hkv, D); cos, sin (T, D/2) -> rotated (q, k), new contiguous tensors in their dtypes."""
+    _check_rope(q, k, cos, sin)
+    t, hq, d = q.shape
+    half = d // 2
     q, k, cos, sin = (_last_contiguous(x) for x in (q, k, cos, sin))
     hkv = k.shape[1]
     qo, ko = torch.empty(q.shape, device=q.device, dtype=q.dtype), torch.empty(k.shape, device=k.device, dtype=k.dtype)
@@ -175,6 +213,27 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d,
                            num_warps=_warps(block_h * block_d), **pdl_args(q))
     return qo, ko
+
+
+def rope_paged_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slots: torch.Tensor) -> torch.Tensor:
+    """rope(q, k, cos, sin) and paged_kv_write(rotated k, v, k_cache, v_cache, slots) in one launch -> rotated q."""
+    _check_rope(q, k, cos, sin)
+    _check_kv(k, v, k_cache, v_cache, slots)
+    q, k, v, cos, sin = (_last_contiguous(x) for x in (q, k, v, cos, sin))
+    (t, hq, d), hkv = q.shape, k.shape[1]
+    qo = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    if t:
+        d_stored = k_cache.shape[3]
+        block_h, block_d, block_ds = (triton.next_power_of_2(x) for x in (max(hq, hkv), d // 2, d_stored))
+        _rope_kv_kernel[(t,)](q, k, v, cos, sin, qo, k_cache, v_cache, slots, hq, hkv, d // 2, d_stored,
+                              k_cache.shape[2], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                              v.stride(1), cos.stride(0), sin.stride(0), qo.stride(0), qo.stride(1),
+                              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), INTERLEAVED=interleaved,
+                              BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DS=block_ds,
+                              num_warps=_warps(block_h * block_ds), **pdl_args(q))
+    return qo
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -191,10 +250,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slots: torch.Tensor) -> None:
-    """Store k, v (T, Hkv, D) at `slots` (T,) of the caches (num_blocks, Hkv, block_size, Dstored >= D), cast to
-    the cache dtype, columns D.. zero; slot = block · block_size + offset (models/attention.PagedKVCache)."""
+def _check_kv(k, v, k_cache, v_cache, slots):
     t, hkv, d = k.shape
     if (v.shape != k.shape or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[1] != hkv
             or k_cache.shape[3] < d or slots.shape != (t,)):
@@ -203,6 +259,14 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                            f"{tuple(v_cache.shape)}, slots {tuple(slots.shape)}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
         raise FourbitError("paged_kv_write wants k_cache and v_cache with the same strides, last dim contiguous")
+
+
+def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slots: torch.Tensor) -> None:
+    """Store k, v (T, Hkv, D) at `slots` (T,) of the caches (num_blocks, Hkv, block_size, Dstored >= D), cast to
+    the cache dtype, columns D.. zero; slot = block · block_size + offset (models/attention.PagedKVCache)."""
+    _check_kv(k, v, k_cache, v_cache, slots)
+    t, hkv, d = k.shape
     k, v = _last_contiguous(k), _last_contiguous(v)
     if t:
         d_stored = k_cache.shape[3]

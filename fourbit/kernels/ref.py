@@ -113,3 +113,10 @@ def paged_kv_write_ref(k, v, k_cache, v_cache, slots) -> None:
     block, offset = slots // bs, slots % bs
     k_cache[block, :, offset] = torch.nn.functional.pad(k, (0, pad)).to(k_cache.dtype)  # (T, Hkv, Dstored)
     v_cache[block, :, offset] = torch.nn.functional.pad(v, (0, pad)).to(v_cache.dtype)
+
+
+def rope_paged_kv_write_ref(q, k, v, cos, sin, interleaved: bool, k_cache, v_cache, slots) -> torch.Tensor:
+    """rope_ref of q and k, then paged_kv_write_ref of the rotated k and v -> the rotated q."""
+    q, k = rope_ref(q, k, cos, sin, interleaved)
+    paged_kv_write_ref(k, v, k_cache, v_cache, slots)
+    return q

@@ -49,9 +49,12 @@ class DenseContext:
     cache: KVCache | None
     start: int
 
-    def attend(self, layer: int, q, k, v):
-        """q (B, T, Hq, D), k and v (B, T, Hkv, D) -> (B, T, Hq, D)."""
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    def attend(self, layer: int, q, k, v, cos, sin, interleaved: bool):
+        """q (B, T, Hq, D), k and v (B, T, Hkv, D) -> (B, T, Hq, D); q and k rotated first by cos, sin (B·T, D/2)
+        (interleaved pairs or rotate-half)."""
+        B, T, H, D = q.shape
+        q, k = ops.rope(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), cos, sin, interleaved)
+        q, k, v = q.view(B, T, H, D).transpose(1, 2), k.view(B, T, -1, D).transpose(1, 2), v.transpose(1, 2)
         if self.cache is not None:
             k, v = self.cache.update(layer, self.start, k, v)  # (B, Hkv, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -111,10 +114,12 @@ class PagedContext:
     cache: PagedKVCache
     sliding_window: int | None
 
-    def attend(self, layer: int, q, k, v):
-        """q (1, T, Hq, D), k and v (1, T, Hkv, D) -> (1, T, Hq, D): store k, v, then attend over the blocks."""
+    def attend(self, layer: int, q, k, v, cos, sin, interleaved: bool):
+        """q (1, T, Hq, D), k and v (1, T, Hkv, D) -> (1, T, Hq, D): rotate q and k by cos, sin (T, D/2), store k
+        and v (one kernel), then attend over the blocks."""
         m, c = self.meta, self.cache
-        ops.paged_kv_write(k[0], v[0], c.k[layer], c.v[layer], m.slots)  # zero-pads to the stored head dim
+        q = ops.rope_paged_kv_write(q[0], k[0], v[0], cos, sin, interleaved, c.k[layer], c.v[layer],
+                                    m.slots)[None]  # the cache's columns past D written as zeros
         d = q.shape[-1]
         pad = c.k[layer].shape[-1] - d
         if pad:  # a head dim the kernel lacks: zero columns up to the stored one (see stored_head_dim)

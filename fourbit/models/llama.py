@@ -84,9 +84,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k = ops.rope(q.reshape(B * T, H, D), k.reshape(B * T, Hkv, D), cos.reshape(B * T, -1),
-                        sin.reshape(B * T, -1), interleaved)  # (B·T, H, D)
-        out = ctx.attend(layer, q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D))  # (B, T, H, D)
+        out = ctx.attend(layer, q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D),
+                         cos.reshape(B * T, -1), sin.reshape(B * T, -1), interleaved)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, -1))
 
 
