@@ -94,31 +94,6 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, hq, hkv, half,
 
 
 @triton.jit
-def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slots_ptr, hq, hkv, half, d_stored,
-                    block_size, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
-                    stride_qot, stride_qoh, stride_cb, stride_ch, stride_cs,
-                    INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DS: tl.constexpr, PDL: tl.constexpr):
-    """_rope_kernel with the rotated k and v of token t written to its cache slot (_paged_kv_write_kernel)."""
-    pdl_start(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    cos, sin = _angles(cos_ptr + t * stride_ct, sin_ptr + t * stride_st, half, BLOCK_D)
-    _rotate(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, hq, half, stride_qh, stride_qoh, cos, sin,
-            INTERLEAVED, BLOCK_H, BLOCK_D)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
-    _rotate(k_ptr + t * stride_kt, kc_ptr + dst, hkv, half, stride_kh, stride_ch, cos, sin,
-            INTERLEAVED, BLOCK_H, BLOCK_D)
-    h = tl.arange(0, BLOCK_H)[:, None]
-    c = tl.arange(0, BLOCK_DS)[None, :]
-    stored = (h < hkv) & (c < d_stored)
-    pad = stored & (c >= 2 * half)  # the cache's zero columns past the head dim
-    tl.store(kc_ptr + dst + h * stride_ch + c, tl.zeros((BLOCK_H, BLOCK_DS), kc_ptr.dtype.element_ty), mask=pad)
-    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + c, mask=stored & (c < 2 * half), other=0.0)
-    tl.store(vc_ptr + dst + h * stride_ch + c, v.to(vc_ptr.dtype.element_ty), mask=stored)
-
-
-@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, stride_g, stride_u, stride_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -131,20 +106,34 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, stride_g, stride_u, stride_y, BLOCK
 
 
 @triton.jit
-def _paged_kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, hkv, d, d_stored, block_size,
-                           stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct,
-                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+def _kv_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slots_ptr, hq, hkv, d, d_stored,
+                     block_size, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+                     stride_st, stride_qot, stride_qoh, stride_cb, stride_ch, stride_cs,
+                     ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DS: tl.constexpr, PDL: tl.constexpr):
+    """Token t's k and v into its cache slot, columns d .. d_stored - 1 zero. With ROPE, q (into qo) and k are
+    rotated first (_rope_kernel's math; BLOCK_D covers d / 2), and the rotated k is what is stored."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
-    dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_ct
+    dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
     h = tl.arange(0, BLOCK_H)[:, None]
-    c = tl.arange(0, BLOCK_D)[None, :]
+    c = tl.arange(0, BLOCK_DS)[None, :]
     stored = (h < hkv) & (c < d_stored)
-    given = stored & (c < d)  # columns d .. d_stored - 1 are the cache's zero padding
-    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + c, mask=given, other=0.0)
+    given = stored & (c < d)
+    if ROPE:
+        cos, sin = _angles(cos_ptr + t * stride_ct, sin_ptr + t * stride_st, d // 2, BLOCK_D)
+        _rotate(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, hq, d // 2, stride_qh, stride_qoh, cos, sin,
+                INTERLEAVED, BLOCK_H, BLOCK_D)
+        _rotate(k_ptr + t * stride_kt, kc_ptr + dst, hkv, d // 2, stride_kh, stride_ch, cos, sin,
+                INTERLEAVED, BLOCK_H, BLOCK_D)
+        k = tl.zeros((BLOCK_H, BLOCK_DS), kc_ptr.dtype.element_ty)  # for the zero columns only
+        k_mask = stored & (c >= d)
+    else:
+        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + c, mask=given, other=0.0)
+        k_mask = stored
+    tl.store(kc_ptr + dst + h * stride_ch + c, k.to(kc_ptr.dtype.element_ty), mask=k_mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + c, mask=given, other=0.0)
-    tl.store(kc_ptr + dst + h * stride_ch + c, k.to(kc_ptr.dtype.element_ty), mask=stored)
     tl.store(vc_ptr + dst + h * stride_ch + c, v.to(vc_ptr.dtype.element_ty), mask=stored)
 
 
@@ -220,19 +209,8 @@ def rope_paged_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
                         slots: torch.Tensor) -> torch.Tensor:
     """rope(q, k, cos, sin) and paged_kv_write(rotated k, v, k_cache, v_cache, slots) in one launch -> rotated q."""
     _check_rope(q, k, cos, sin)
-    _check_kv(k, v, k_cache, v_cache, slots)
-    q, k, v, cos, sin = (_last_contiguous(x) for x in (q, k, v, cos, sin))
-    (t, hq, d), hkv = q.shape, k.shape[1]
     qo = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    if t:
-        d_stored = k_cache.shape[3]
-        block_h, block_d, block_ds = (triton.next_power_of_2(x) for x in (max(hq, hkv), d // 2, d_stored))
-        _rope_kv_kernel[(t,)](q, k, v, cos, sin, qo, k_cache, v_cache, slots, hq, hkv, d // 2, d_stored,
-                              k_cache.shape[2], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                              v.stride(1), cos.stride(0), sin.stride(0), qo.stride(0), qo.stride(1),
-                              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), INTERLEAVED=interleaved,
-                              BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DS=block_ds,
-                              num_warps=_warps(block_h * block_ds), **pdl_args(q))
+    _kv_write(q, k, v, cos, sin, qo, k_cache, v_cache, slots, interleaved)
     return qo
 
 
@@ -265,13 +243,23 @@ def paged_kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                    slots: torch.Tensor) -> None:
     """Store k, v (T, Hkv, D) at `slots` (T,) of the caches (num_blocks, Hkv, block_size, Dstored >= D), cast to
     the cache dtype, columns D.. zero; slot = block · block_size + offset (models/attention.PagedKVCache)."""
+    _kv_write(None, k, v, None, None, None, k_cache, v_cache, slots, False)
+
+
+def _kv_write(q, k, v, cos, sin, qo, k_cache, v_cache, slots, interleaved: bool):
+    """Launch _kv_write_kernel; with q given (ROPE), q rotated into qo and k rotated before it is stored."""
     _check_kv(k, v, k_cache, v_cache, slots)
-    t, hkv, d = k.shape
+    rope = q is not None
     k, v = _last_contiguous(k), _last_contiguous(v)
+    q, cos, sin = (_last_contiguous(x) for x in (q, cos, sin)) if rope else (k, k, k)  # unused without ROPE
+    qo = qo if rope else k
+    (t, hkv, d), hq = k.shape, q.shape[1]
     if t:
-        d_stored = k_cache.shape[3]
-        block_h, block_d = triton.next_power_of_2(hkv), triton.next_power_of_2(d_stored)
-        _paged_kv_write_kernel[(t,)](k, v, k_cache, v_cache, slots, hkv, d, d_stored, k_cache.shape[2],
-                                     k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0),
-                                     k_cache.stride(1), k_cache.stride(2), BLOCK_H=block_h, BLOCK_D=block_d,
-                                     num_warps=_warps(block_h * block_d), **pdl_args(k))
+        block_h = triton.next_power_of_2(max(hq, hkv) if rope else hkv)
+        block_d, block_ds = triton.next_power_of_2(d // 2 if rope else 1), triton.next_power_of_2(k_cache.shape[3])
+        _kv_write_kernel[(t,)](q, k, v, cos, sin, qo, k_cache, v_cache, slots, hq, hkv, d, k_cache.shape[3],
+                               k_cache.shape[2], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                               v.stride(1), cos.stride(0), sin.stride(0), qo.stride(0), qo.stride(1),
+                               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ROPE=rope,
+                               INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DS=block_ds,
+                               num_warps=_warps(block_h * block_ds), **pdl_args(k))
