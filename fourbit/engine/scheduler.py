@@ -192,13 +192,10 @@ class Scheduler:
                     raise RuntimeError(f"sequence {seq.seq_id} completed its tokens but no token was sampled")
                 seq.pending = False
                 if seq.params.stop_at_eos and int(token) in self.eos_ids:
-                    if seq.status is SeqStatus.RUNNING:
-                        self.running.remove(seq)
-                    elif seq.status is SeqStatus.WAITING:
-                        self.waiting.remove(seq)
-                    if seq.status is SeqStatus.FINISHED:
+                    if seq.status is SeqStatus.FINISHED:  # for length, by advance(): the EOS came first
                         seq.finish_reason = "stop"
                     else:
+                        (self.running if seq.status is SeqStatus.RUNNING else self.waiting).remove(seq)
                         self._finish(seq, "stop")
                 else:
                     seq.output.append(int(token))
