@@ -41,6 +41,8 @@ _KERNEL_CONFIGS = [  # (kind, BLOCK_M, R, warps, split K, post-scale, X in smem,
     ("wgmma", 64, 2, 4, 3, False, True, 2), ("wgmma", 128, 1, 8, 4, False, True, 4),
     ("wgmma", 128, 1, 4, 1, False, True, 3), ("wgmma", 256, 1, 8, 1, False, True, 3),
     ("wgmma", 256, 1, 8, 2, False, True, 2),
+    ("ws", 32, 1, 4, 2, False, True, 4), ("ws", 64, 2, 4, 1, False, True, 3), ("ws", 64, 1, 4, 4, False, True, 2),
+    ("ws", 128, 1, 4, 1, False, True, 2), ("ws", 128, 1, 8, 3, False, True, 3),
 ]
 
 
@@ -53,7 +55,7 @@ def test_w4a16_kernel_configs_on_cuda(cfg, dtype, m):
     from fourbit.kernels.w4a16_gemm import w4a16_gemm
 
     torch.manual_seed(1000 * _KERNEL_CONFIGS.index(cfg) + m)
-    n, k = (1008, 1040) if cfg[0] == "ring" else (1000, 1100)  # the ring kernel wants multiples of 16
+    n, k = (1008, 1040) if cfg[0] in ("ring", "ws") else (1000, 1100)  # these two want multiples of 16
     codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 64, False, SCALE_DTYPE)
     layer = W4A16Linear.from_codes(codes, scales, zeros, 64, k, torch.randn(n, device="cuda"))
     x = torch.randn(m, k, device="cuda", dtype=dtype)

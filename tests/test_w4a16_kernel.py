@@ -52,7 +52,8 @@ from fourbit.kernels.sass import compile_sm90
 from fourbit.kernels import w4a16_gemm as mod
 out = {}
 for name, (kernel, dtype, consts) in json.loads(sys.argv[1]).items():
-    k = compile_sm90(getattr(mod, kernel), dtype, consts, consts["NUM_WARPS"])
+    maxnreg = mod._ws_maxnreg(consts["BLOCK_M"], consts["R"], consts["NUM_WARPS"]) if kernel == "_w4a16_ws_kernel" else None
+    k = compile_sm90(getattr(mod, kernel), dtype, consts, consts["NUM_WARPS"], maxnreg)
     out[name] = dict(shared=k.shared, smem=k.smem, regs=k.regs, stack=k.stack, ops=Counter(k.sass_ops),
                      order=[op for op in k.sass_ops if op in ("LDGSTS.E.BYPASS.128", "LDGDEPBAR", "ACQBULK", "PREEXIT")])
 print(json.dumps(out))
@@ -78,6 +79,13 @@ _CASES = {
                                                                        ATOMIC=True, BLOCK_M=128, R=1, NUM_WARPS=4,
                                                                        STAGES=2)),
 }
+_WS = dict(SYM=False, HAS_BIAS=False, NUM_WARPS=4)
+_CASES.update({  # the warp-specialized kernel at _ws_pick's configs, and a group size below a tile with bias
+    f"ws-bf16-g128-{bm}-{r}-{atomic}": ("_w4a16_ws_kernel", "bf16", dict(GS=128, ATOMIC=atomic, BLOCK_M=bm, R=r,
+                                                                          STAGES=4 if r == 1 else 3, **_WS))
+    for bm in (32, 64) for r in (1, 2) for atomic in (False, True)})
+_CASES["ws-fp16-g32-bias"] = ("_w4a16_ws_kernel", "fp16", dict(GS=32, SYM=True, HAS_BIAS=True, ATOMIC=True,
+                                                               BLOCK_M=64, R=1, NUM_WARPS=4, STAGES=4))
 # the wgmma configs the cost model chooses among (w4a16_gemm.WGMMA_CTAS_PER_SM), split and not
 _CASES.update({f"occupancy-{bm}-{r}-{atomic}": ("_w4a16_wgmma_kernel", "bf16", dict(
     GS=128, SYM=False, HAS_BIAS=False, ATOMIC=atomic, BLOCK_M=bm, R=r, NUM_WARPS=4, STAGES=2))
@@ -168,3 +176,34 @@ def test_wgmma_occupancy_table_matches_the_compile(compiled, bm, r):
     smem = max(k["smem"] + k["shared"] for k in runs)
     fits = min(65536 // (-(-regs // 8) * 8 * 128), 228 * 1024 // (smem + 1024), 64 // 4)
     assert fits == WGMMA_CTAS_PER_SM[bm, r], (regs, smem)
+
+
+@pytest.mark.parametrize("case", [c for c in _CASES if c.startswith("ws")])
+def test_ws_kernel_streams_packed_words_by_tma(compiled, case):
+    # The warp-specialized kernel: X (two boxes) and the packed weight words (one box) arrive by TMA and the group
+    # parameters by cp.async (LDGSTS), all issued by the loader warps; the consumers read their own words back
+    # (128-bit LDS) and, as above, compiling proves the dequantized fragments are wgmma's A operand in registers.
+    # No global load is left but the bias and the split-K sums, and the only wide shared stores are the
+    # epilogue's re-layout (a dequantized tile would add as many again).
+    _, _, c = _CASES[case]
+    k = compiled[case]
+    assert k["stack"] == 0
+    assert k["ops"].get("UTMALDG.2D", 0) == 3 and k["ops"].get("LDS.128", 0) + k["ops"].get("LDS.64", 0) >= 2
+    assert any(op.startswith("LDGSTS") for op in k["ops"])
+    direct = [op for op in k["ops"] if op.startswith("LDG.E") and "STRONG" not in op]
+    assert not direct or (c["HAS_BIAS"] and direct == ["LDG.E.128"]), direct
+    assert sum(n for op, n in k["ops"].items() if op.startswith("HGMMA")) >= 8
+    epilogue = 16 * c["R"] * c["NUM_WARPS"] * c["BLOCK_M"] * 4 // (32 * c["NUM_WARPS"] * 8)
+    assert sum(n for op, n in k["ops"].items() if op.startswith("STS.")) <= epilogue
+
+
+@pytest.mark.parametrize("bm, r", [(32, 1), (32, 2), (64, 1), (64, 2)])
+def test_ws_occupancy_matches_the_compile(compiled, bm, r):
+    # _ws_pick splits K as far as the CTAs that fit an SM allow (_ws_ctas_per_sm); recompute that from the
+    # compile: registers at maxnreg for 4 + 4 warps (the loaders' warpgroup), shared memory with 1 KB per CTA.
+    from fourbit.kernels.w4a16_gemm import _ws_ctas_per_sm
+
+    runs = [compiled[f"ws-bf16-g128-{bm}-{r}-{atomic}"] for atomic in (False, True)]
+    regs = max(k["regs"] for k in runs)
+    smem = max(k["smem"] + k["shared"] for k in runs)
+    assert min(65536 // (regs * 8 * 32), 228 * 1024 // (smem + 1024)) == _ws_ctas_per_sm(bm, r), (regs, smem)

@@ -4,8 +4,8 @@ W is uint4 codes in the quick layout v2 (formats/quick.py): qweight int32 (ceil(
 W[n, k] = (q[n, k] - z[g, n]) · s[g, n] with g = k // group_size (z = 8 when symmetric), scales fp16 (G, N).
 
 Kernels by M (the stored format is the same for all): `_w4a16_ring_kernel` for M <= 16 where N and K are
-multiples of 16, `_w4a16_mma_kernel` for M <= 8 otherwise and for every M on sm_80/sm_89, `_w4a16_wgmma_kernel`
-for larger M on Hopper.
+multiples of 16, `_w4a16_mma_kernel` for M <= 8 otherwise and for every M on sm_80/sm_89, `_w4a16_ws_kernel`
+for 16 < M <= 64 and `_w4a16_wgmma_kernel` for the rest on Hopper.
 
 `_w4a16_mma_kernel` (Gluon) computes Yᵀ = W·Xᵀ with mma.m16n8k16, the weight as the A operand, so a decode batch
 fills the instruction's n = 8 instead of wasting 15/16 of m = 16:
@@ -32,10 +32,14 @@ tile's group parameters) issued by cp.async a few tiles ahead into a shared-memo
 only on shared memory; each lane reads back its own packed words, and dequantized weights still never touch
 shared memory. On sm_90 it is launched with programmatic dependent launch (kernels/pdl.py): the first tiles'
 weights are requested while the previous kernel (whose output X may be) is still running.
-`_w4a16_wgmma_kernel` (sm_90; M > 16 on Hopper) feeds the same register fragments to async wgmma
-(m64nBLOCK_Mk16, BLOCK_M from 16 to 256), with X streamed by TMA through a small ring of shared-memory tiles
-(mbarrier per stage) so X's loads overlap the tensor cores, and the next slice's dequant overlapping the running
-wgmma. X is read once per CTA instead of once per warp.
+`_w4a16_wgmma_kernel` (sm_90; the other M > 8 on Hopper) feeds the same
+register fragments to async wgmma (m64nBLOCK_Mk16, BLOCK_M from 16 to 256), with X streamed by TMA through a
+small ring of shared-memory tiles (mbarrier per stage) so X's loads overlap the tensor cores, and the next
+slice's dequant overlapping the running wgmma. X is read once per CTA instead of once per warp.
+`_w4a16_ws_kernel` (sm_90; 16 < M <= 64 where N and K are multiples of 16) is the wgmma kernel warp-specialized:
+two one-warp loaders stream X and the packed weight words (with their group parameters) into rings of their own,
+and the consumer warps read the words back from shared memory (each lane its own), dequantize them in registers
+and issue the wgmmas.
 Speedups by M: benchmarks/results/<gpu>-w4a16.md; what limits each and what was tried: benchmarks/NOTES-w4a16.md.
 
 `_w4a16_dot_kernel` (Triton, tl.dot) computes the same product from the same layout; it runs under
@@ -119,18 +123,33 @@ def _zero_pair(z, BF16: gl.constexpr):
 def _group_params(s_ptr, z_ptr, g, rows, ok, N, SYM: gl.constexpr, BF16: gl.constexpr, SCALE: gl.constexpr):
     """Group g's packed (magic + z) pair and, if SCALE, packed scale pair for `rows`: int32 (BN, 1) each.
     ok masks rows past N and groups past K (a K tail's last slices have no group: their X is zero)."""
-    if SYM:
-        zz = _zero_pair(gl.full(rows.shape, 8, gl.int32, layout=rows.type.layout), BF16)
-    else:
-        zz = _zero_pair(gl.load(z_ptr + g * N + rows, mask=ok, other=0).to(gl.int32), BF16)
+    z = gl.full(rows.shape, 8, gl.int32, layout=rows.type.layout)
+    if not SYM:
+        z = gl.load(z_ptr + g * N + rows, mask=ok, other=0).to(gl.int32)
+    s = gl.load(s_ptr + g * N + rows, mask=ok, other=0) if SCALE else None
+    return _pack_params(z, s, BF16, SCALE)
+
+
+@gluon.jit
+def _pack_params(z, s, BF16: gl.constexpr, SCALE: gl.constexpr):
+    """Zero points z (int32) and fp16 scales s of a group's rows -> the packed pairs _dequant takes, (BN, 1) each."""
+    zz = _zero_pair(z, BF16)
     s2 = zz
     if SCALE:
-        s = gl.load(s_ptr + g * N + rows, mask=ok, other=0)
         if BF16:
             s = s.to(gl.float32).to(gl.bfloat16)
         bits = s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
         s2 = bits * 0x10001
     return zz[:, None], s2[:, None]
+
+
+@gluon.jit
+def _ring_params(s_ring, z_ring, slot, rows, SYM: gl.constexpr, BF16: gl.constexpr):
+    """_group_params of the group in ring slot `slot` (the warp-specialized kernel's loader copied it there)."""
+    z = gl.full(rows.shape, 8, gl.int32, layout=rows.type.layout)
+    if not SYM:
+        z = z_ring.index(slot).load(rows.type.layout).to(gl.int32)
+    return _pack_params(z, s_ring.index(slot).load(rows.type.layout), BF16, True)
 
 
 @gluon.jit
@@ -419,6 +438,55 @@ def _issue_x(x_desc, x_smem, bars, stage, m0, kt, pred):
     tma.async_copy_global_to_shared(x_desc, [m0, kt * 128 + 64], bar, x_smem.index(2 * stage + 1), pred=pred)
 
 
+@triton.constexpr_function
+def _inflight(block_m):
+    """wgmmas a warpgroup keeps in flight (H100 sweep: more pays from n = 128 on, n = 256 peaks at 2)."""
+    return 1 if block_m <= 64 else (2 if block_m == 256 else 3)
+
+
+@gluon.jit
+def _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ptr, z_ptr, N, K,
+                  GS: gl.constexpr, SYM: gl.constexpr, BF16: gl.constexpr, BLOCK_M: gl.constexpr,
+                  NUM_WARPS: gl.constexpr, INFLIGHT: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr,
+                  RING: gl.constexpr = False):
+    """k16 slices FIRST .. LAST - 1 of tile kt: each dequantized from the words (w0: slices 0-3, w1: 4-7) straight
+    into wgmma's register A layout and multiplied with X's slice of ring stage `stage` by an async wgmma, keeping
+    up to INFLIGHT in flight. Group parameters are (re)loaded where a group starts inside the tile (group size
+    below 128): from global memory, or with RING from the parameter rings s_ptr / z_ptr (slot stage · groups per
+    tile + group). Returns (acc, zz, s2)."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    BN: gl.constexpr = acc.shape[0]
+    for i in gl.static_range(FIRST, LAST):
+        if GS != -1 and GS < 128:
+            if i % (GS // 16) == 0:  # a new group starts at this slice
+                if RING:
+                    zz, s2 = _ring_params(s_ptr, z_ptr, stage * (128 // GS) + i // (GS // 16), rows, SYM, BF16)
+                else:
+                    k0 = kt * 128 + 16 * i
+                    zz, s2 = _group_params(s_ptr, z_ptr, k0 // GS, rows, rows_ok & (k0 < K), N, SYM, BF16, True)
+        lo, hi = _dequant(w0 if i < 4 else w1, zz, s2, i % 4, BF16, True)
+        w = gl.convert_layout(gl.reshape(gl.join(lo, hi), (BN, 16)), a_l, assert_trivial=True)
+        xs = x_smem.index(2 * stage + i // 4).slice(16 * (i % 4), 16, dim=1).permute((1, 0))
+        acc = warpgroup_mma(w, xs, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc])
+    return acc, zz, s2
+
+
+@gluon.jit
+def _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
+               BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The wgmma accumulator (BN, BLOCK_M) -> Y. Y is contiguous along N (acc's rows): re-laid out with 8 rows per
+    thread, stores are 16 bytes wide and addresses cheap; the lanes of a warp span the tile's BN rows (a wider span
+    would hold every element twice)."""
+    BN: gl.constexpr = acc.shape[0]
+    ROW_LANES: gl.constexpr = min(32, BN // 8)
+    acc = gl.convert_layout(acc, gl.BlockedLayout([8, 1], [ROW_LANES, 32 // ROW_LANES], [1, NUM_WARPS], [0, 1]))
+    acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc.type.layout))
+    _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M)
+
+
 @gluon.jit
 def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
                         ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
@@ -430,14 +498,10 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
     BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
     RB: gl.constexpr = R * NUM_WARPS
     BN: gl.constexpr = 16 * RB
-    PER_CHANNEL: gl.constexpr = GS == -1
-    SLICES_PER_GROUP: gl.constexpr = 8 if PER_CHANNEL else GS // 16
     TILE_GROUP: gl.constexpr = GS == 128  # one group per 128-wide tile
-    # wgmmas a warpgroup keeps in flight (H100 sweep: more pays from n = 128 on, n = 256 peaks at 2)
-    INFLIGHT: gl.constexpr = 1 if BLOCK_M <= 64 else (2 if BLOCK_M == 256 else 3)
+    INFLIGHT: gl.constexpr = _inflight(BLOCK_M)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
-    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     kt0, kt1 = _k_range(KT, TILES_PER_SPLIT)
@@ -465,39 +529,152 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
         if TILE_GROUP:  # with their group's parameters
             nzz, ns2 = _group_params(s_ptr, z_ptr, kt + 1, rows, rows_ok & (kt + 1 < kt1), N, SYM, BF16, True)
         mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
-        for h in gl.static_range(2):
-            wh = w0 if h == 0 else w1
-            xh = x_smem.index(2 * stage + h)
-            for a in gl.static_range(4):
-                if not PER_CHANNEL and not TILE_GROUP:
-                    if (4 * h + a) % SLICES_PER_GROUP == 0:
-                        k0 = kt * 128 + 16 * (4 * h + a)
-                        zz, s2 = _group_params(s_ptr, z_ptr, k0 // GS, rows, rows_ok & (k0 < K), N, SYM, BF16,
-                                               True)
-                lo, hi = _dequant(wh, zz, s2, a, BF16, True)
-                w = gl.convert_layout(gl.reshape(gl.join(lo, hi), (BN, 16)), a_l, assert_trivial=True)
-                acc = warpgroup_mma(w, xh.slice(16 * a, 16, dim=1).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc])
-                if 4 * h + a == INFLIGHT - 1:
-                    # this warpgroup's wgmmas of the previous tile are done (all but the INFLIGHT newest are);
-                    # once every warpgroup is here, its ring stage is free for the tile STAGES - 1 ahead
-                    gl.thread_barrier()
-                    ahead = kt + STAGES - 1
-                    _issue_x(x_desc, x_smem, bars, (j + STAGES - 1) % STAGES, m0, ahead, ahead < kt1)
+        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ptr, z_ptr, N, K, GS,
+                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, 0, INFLIGHT)
+        # this warpgroup's wgmmas of the previous tile are done (all but the INFLIGHT newest are); once every
+        # warpgroup is here, its ring stage is free for the tile STAGES - 1 ahead
+        gl.thread_barrier()
+        ahead = kt + STAGES - 1
+        _issue_x(x_desc, x_smem, bars, (j + STAGES - 1) % STAGES, m0, ahead, ahead < kt1)
+        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ptr, z_ptr, N, K, GS,
+                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, INFLIGHT, 8)
         w0, w1 = n0, n1
         if TILE_GROUP:
             zz, s2 = nzz, ns2
     acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
+    _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M, NUM_WARPS)
 
-    # Y is contiguous along N (acc's rows): 8 rows per thread, so stores are 16 bytes wide and addresses cheap;
-    # the lanes of a warp span the tile's BN rows (a wider span would hold every element twice)
-    ROW_LANES: gl.constexpr = min(32, BN // 8)
-    acc = gl.convert_layout(acc, gl.BlockedLayout([8, 1], [ROW_LANES, 32 // ROW_LANES], [1, NUM_WARPS], [0, 1]))
-    acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc.type.layout))
-    _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
-               ATOMIC, BLOCK_M)
+
+@gluon.jit
+def _ws_load_x(x_desc, x_smem, xready, xempty, m0, kt0, kt1):
+    """The warp-specialized kernel's X loader (one warp): tile kt's X, (BLOCK_M, 128) as two TMA boxes, into
+    stage (kt - kt0) % STAGES of its ring once the consumers have released that stage."""
+    STAGES: gl.constexpr = xready.shape[0]
+    for kt in range(kt0, kt1):
+        j = kt - kt0
+        mbarrier.wait(xempty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+        _issue_x(x_desc, x_smem, xready, j % STAGES, m0, kt, True)
+
+
+@gluon.jit
+def _ws_load_w(w_desc, w_smem, s_ring, z_ring, wready, wempty, s_ptr, z_ptr, N, K, rb0, kt0, kt1,
+               GS: gl.constexpr, SYM: gl.constexpr):
+    """The weight loader (one warp): this CTA's packed words of tile kt (RB rows of 256 words, one TMA box) into
+    stage (kt - kt0) % STAGES of its ring, and the tile's group parameters (cp.async; per-channel: group 0 each
+    time, from L2) into the parameter rings' slots of that stage. The stage's ready barrier completes when both
+    have landed."""
+    STAGES: gl.constexpr = wready.shape[0]
+    GPT: gl.constexpr = 1 if GS == -1 else 128 // GS  # groups per tile
+    p_l: gl.constexpr = gl.BlockedLayout([8], [32], [1], [0])
+    p_off = rb0 * 16 + gl.arange(0, s_ring.shape[1], layout=p_l)
+    for kt in range(kt0, kt1):
+        j = kt - kt0
+        stage = j % STAGES
+        mbarrier.wait(wempty.index(stage), ((j // STAGES) & 1) ^ 1)
+        for q in gl.static_range(GPT):
+            g = 0 if GS == -1 else kt * GPT + q
+            ok = (p_off < N) & (g * GS < K)  # masked off: zeros written, nothing read
+            async_copy.async_copy_global_to_shared(s_ring.index(stage * GPT + q), s_ptr + g * N + p_off, mask=ok)
+            if not SYM:
+                async_copy.async_copy_global_to_shared(z_ring.index(stage * GPT + q), z_ptr + g * N + p_off, mask=ok)
+        bar = wready.index(stage)
+        async_copy.mbarrier_arrive(bar)  # counted before the arrival below: the phase waits for the copies
+        mbarrier.expect(bar, w_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(w_desc, [rb0, kt * 256], bar, w_smem.index(stage))
+
+
+@gluon.jit
+def _ws_words(w_smem, wready, j, live, RB: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Wait for tile j's words in the weight ring and read each lane's own (two 128-bit loads) -> _tile_halves."""
+    STAGES: gl.constexpr = wready.shape[0]
+    mbarrier.wait(wready.index(j % STAGES), (j // STAGES) & 1, pred=live)
+    words = w_smem.index(j % STAGES).load(gl.BlockedLayout([1, 8], [1, 32], [NUM_WARPS, 1], [1, 0]))
+    w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])  # _word_offsets'
+    return _tile_halves(gl.convert_layout(gl.reshape(words, (RB, 32, 8)), w_l, assert_trivial=True), RB)
+
+
+@gluon.jit
+def _ws_mma(x_smem, w_smem, s_ring, z_ring, xready, xempty, wready, wempty, N, K, kt0, kt1, pid_n,
+            GS: gl.constexpr, SYM: gl.constexpr, BF16: gl.constexpr, BLOCK_M: gl.constexpr, R: gl.constexpr,
+            NUM_WARPS: gl.constexpr):
+    """The warp-specialized kernel's consumers (the default partition): the wgmma kernel's K loop, with X and the
+    words read from the loaders' rings; a tile's stages go back to the loaders once every consumer warp's wgmmas
+    of it are done. Returns (acc, )."""
+    STAGES: gl.constexpr = xready.shape[0]
+    RB: gl.constexpr = R * NUM_WARPS
+    BN: gl.constexpr = 16 * RB
+    INFLIGHT: gl.constexpr = _inflight(BLOCK_M)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    GPT: gl.constexpr = 1 if GS == -1 else 128 // GS
+    w0, w1 = _ws_words(w_smem, wready, 0, True, RB, NUM_WARPS)
+    rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w0.type.layout))
+    rows_ok = rows < N
+    acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=mma)
+    zz, s2 = _ring_params(s_ring, z_ring, 0, rows, SYM, BF16)
+    for kt in range(kt0, kt1):
+        j = kt - kt0
+        stage = j % STAGES
+        mbarrier.wait(xready.index(stage), (j // STAGES) & 1)
+        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ring, z_ring, N, K, GS,
+                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, 0, INFLIGHT, True)
+        # every consumer warp's wgmmas of the previous tile are done: its stages go back to the loaders (the
+        # fence orders the generic-proxy reads of its words before the TMA that refills them)
+        gl.thread_barrier()
+        fence_async_shared()
+        mbarrier.arrive(xempty.index((j + STAGES - 1) % STAGES), pred=j > 0)
+        mbarrier.arrive(wempty.index((j + STAGES - 1) % STAGES), pred=j > 0)
+        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ring, z_ring, N, K, GS,
+                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, INFLIGHT, 4, True)
+        # the next tile's words and first group while the last slices run
+        n0, n1 = _ws_words(w_smem, wready, j + 1, kt + 1 < kt1, RB, NUM_WARPS)
+        nzz, ns2 = _ring_params(s_ring, z_ring, ((j + 1) % STAGES) * GPT, rows, SYM, BF16)
+        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ring, z_ring, N, K, GS,
+                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, 4, 8, True)
+        w0, w1 = n0, n1
+        zz, s2 = nzz, ns2
+    return (warpgroup_mma_wait(num_outstanding=0, deps=[acc]), )
+
+
+@gluon.jit
+def _w4a16_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
+                     ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr,
+                     ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr,
+                     STAGES: gl.constexpr):
+    """16 < M <= 64 on Hopper: the wgmma kernel's math, warp-specialized. Two one-warp loaders stream X and the
+    packed weights (with the tile's group parameters) by TMA and cp.async, each into its own ring of STAGES stages
+    (ready / empty mbarriers), while the NUM_WARPS consumer warps only wait on shared memory, dequantize and issue
+    wgmma: no global load in their loop, and the weights run up to STAGES tiles ahead."""
+    RB: gl.constexpr = R * NUM_WARPS
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    kt0, kt1 = _k_range(KT, TILES_PER_SPLIT)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, 64], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, RB, 256], w_desc.layout)
+    GPT: gl.constexpr = 1 if GS == -1 else 128 // GS
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [STAGES * GPT, 16 * RB], flat)
+    z_ring = gl.allocate_shared_memory(gl.uint8, [STAGES * GPT, 16 * RB], flat)
+    xready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    xempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    wready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    wempty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(xready.index(i), count=1)
+        mbarrier.init(xempty.index(i), count=1)
+        mbarrier.init(wready.index(i), count=1)
+        mbarrier.init(wempty.index(i), count=1)
+    fence_async_shared()
+    acc, = gl.warp_specialize([
+        (_ws_mma, (x_smem, w_smem, s_ring, z_ring, xready, xempty, wready, wempty, N, K, kt0, kt1, pid_n, GS, SYM,
+                   x_desc.dtype == gl.bfloat16, BLOCK_M, R, NUM_WARPS)),
+        (_ws_load_x, (x_desc, x_smem, xready, xempty, pid_m * BLOCK_M, kt0, kt1)),
+        (_ws_load_w, (w_desc, w_smem, s_ring, z_ring, wready, wempty, s_ptr, z_ptr, N, K, pid_n * RB, kt0, kt1, GS,
+                      SYM)),
+    ], [1, 1], [24, 24])
+    _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M, NUM_WARPS)
 
 
 @triton.jit
@@ -546,10 +723,12 @@ def _w4a16_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 @functools.cache  # on every call's launch path: a pure function of a few ints
 def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned: bool = True):
     """(kind, BLOCK_M, R, num_warps, split_k, post_scale, x_smem, stages); kind "ring" (mma_v2, every load
-    through a cp.async ring of `stages` tiles; N and K multiples of 16: `aligned`), "mma" (mma_v2) or "wgmma"
-    (sm_90, X through a TMA ring of `stages` tiles)."""
-    # Picked from sweeps on an H100 (benchmarks/tune_w4a16.py, benchmarks/NOTES-w4a16.md). Small rings and one
-    # warpgroup leave room for several CTAs per SM, which is what hides latency here (no warp specialization).
+    through a cp.async ring of `stages` tiles; N and K multiples of 16: `aligned`), "mma" (mma_v2), "ws" (sm_90,
+    warp-specialized: X and the weights through TMA rings of `stages` tiles) or "wgmma" (sm_90, X through a TMA
+    ring of `stages` tiles)."""
+    # Picked from sweeps on an H100 (benchmarks/tune_w4a16.py, benchmarks/NOTES-w4a16.md). Outside the
+    # warp-specialized kernel, small rings and one warpgroup leave room for several CTAs per SM: that is what
+    # hides latency there.
     kind, r, post, smem, stages = "wgmma", 1, False, True, 2
     if m <= 16 and aligned:  # 3 stages, ~4 CTAs per SM: deeper rings and more CTAs measured no better
         kind, block_m, warps, post, stages, per_sm = "ring", 8 if m <= 8 else 16, 4, True, 3, 4
@@ -559,6 +738,8 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
         kind, block_m, warps, stages, per_sm = "mma", min(64, triton.next_power_of_2(m)), 8, 0, 4
     elif m <= 16:
         block_m, warps, per_sm = 16, 4, 6
+    elif m <= 64 and aligned:  # (the loader's 16-byte copies of the group parameters)
+        return _ws_pick(m, n, k_tiles, sms)
     elif m > 128 and _fill256(m, n, sms) >= 0.8:  # 256-row tiles (one CTA per SM) in near-whole waves
         block_m, warps, per_sm = 256, 8, 1
     elif m <= 256:  # one warpgroup, 2 stages: tile rows, BN and split by the cost model
@@ -573,6 +754,36 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
     # small grids leave SMs idle: split K (wgmma: at least 4 of its 128-wide tiles per split, to fill the ring)
     split = max(1, min(per_sm * sms // max(tiles, 1), k_tiles if kind != "wgmma" else k_tiles // 4))
     return kind, block_m, r, warps, split, post, smem, stages
+
+
+def _ws_pick(m: int, n: int, k_tiles: int, sms: int) -> tuple:
+    """The warp-specialized kernel's config for 16 < M <= 64: tiles of 32 or 64 rows; BN 128 (R 2, 3 stages) where
+    those tiles alone fill the SMs or K is long enough to split cheaply (>= 128 tiles), else BN 64 (R 1, 4 stages);
+    K split as far as the CTAs that fit at once allow (_ws_ctas_per_sm). From an H100 sweep over 8 Llama layer
+    shapes at M = 32 and 64 (benchmarks/NOTES-w4a16.md): the best swept config at 12 of 16 points, within 8% of
+    it at the rest."""
+    block_m = 32 if m <= 32 else 64
+    rows = triton.cdiv(m, block_m)
+    r = 2 if rows * triton.cdiv(n, 128) >= sms or k_tiles >= 128 else 1
+    tiles = rows * triton.cdiv(n, 64 * r)
+    fit = _ws_ctas_per_sm(block_m, r) * sms
+    split = max(s for s in (1, 2, 4, 8) if s == 1 or (k_tiles // s >= 4 and tiles * s <= fit))
+    return "ws", block_m, r, 4, split, False, True, 4 if r == 1 else 3
+
+
+def _ws_maxnreg(block_m: int, r: int, warps: int) -> int:
+    """Registers per thread the warp-specialized kernel is compiled for. Its loaders take a warpgroup's worth of
+    registers (allocation is per warpgroup; they keep 24 each and give the rest to the consumers), so a CTA counts
+    warps + 4 warps: 80 leaves registers for three 4-warp CTAs of BN 64 per SM; a larger tile needs 128."""
+    return 168 if warps == 8 else (80 if r == 1 and block_m <= 64 else 128)
+
+
+def _ws_ctas_per_sm(block_m: int, r: int) -> int:
+    """4-warp CTAs of the warp-specialized kernel that fit an SM at _ws_pick's stages: registers (_ws_maxnreg)
+    and shared memory (X and weight rings)."""
+    stages = 4 if r == 1 else 3
+    smem = stages * (block_m * 128 * 2 + 64 * r * 128 // 2) + 2048
+    return min(65536 // (_ws_maxnreg(block_m, r, 4) * 8 * 32), 228 * 1024 // (smem + 1024))
 
 
 # CTAs of the wgmma kernel with 4 warps and 2 stages that fit on an SM, by (BLOCK_M, R): registers of the sm_90
@@ -635,8 +846,10 @@ def _fill256(m: int, n: int, sms: int) -> float:
     return tiles / (triton.cdiv(tiles, sms) * sms) * m / (triton.cdiv(m, 256) * 256)
 
 
-# X's shared-memory tiles in the wgmma kernel: 128-byte swizzle, 64 16-bit columns per row (the TMA boxes)
+# X's shared-memory tiles in the wgmma kernels: 128-byte swizzle, 64 16-bit columns per row (the TMA boxes)
 X_SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+# the packed words of a weight tile in the warp-specialized kernel: RB rows of 256 words, unswizzled (row-major)
+W_SMEM_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 _WORKSPACES: dict = {}
@@ -662,7 +875,8 @@ def _split_workspace(device, numel: int, tiles: int):
 
 
 def _aligned(n: int, k: int) -> bool:
-    """Whether the ring kernel takes these sizes (16-byte copies of X rows and of the group parameters)."""
+    """Whether the ring and warp-specialized kernels take these sizes (16-byte copies of the group parameters,
+    and of X rows in the ring kernel)."""
     return n % 16 == 0 and k % 16 == 0
 
 
@@ -687,8 +901,8 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     sms = sm_count(x.device.index) if x.is_cuda else 4
     aligned = _aligned(n, k)
     kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9, aligned)
-    if kind == "ring" and not aligned:
-        raise FourbitError(f"the ring kernel needs N and K in multiples of 16 (got {n}, {k}): choose another config")
+    if kind in ("ring", "ws") and not aligned:
+        raise FourbitError(f"the {kind} kernel needs N and K in multiples of 16 (got {n}, {k}): choose another config")
     per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, per_split)
     atomic = split > 1
@@ -703,14 +917,19 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
         ws, count = _split_workspace(x.device, m * n, grid[0] * grid[1]) if atomic else (out, out)
         if kind != "mma" and x.data_ptr() % 16:  # TMA and cp.async copy 16-byte aligned rows of X
             x = x.clone()
-        if kind == "wgmma":
+        if kind in ("wgmma", "ws"):
             # zero columns pad K to a multiple of 8 (rows in whole 16 bytes; the ring needs no pad); rows: _pad_rows
             pad_m = _pad_rows(m, block_m, warps)
             if k % 8 or pad_m:
                 x = torch.nn.functional.pad(x, (0, -k % 8, 0, pad_m))
             x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], X_SMEM_LAYOUT)
-            _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m,
-                                      R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags)
+            consts = dict(GS=group_size, BLOCK_M=block_m, R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps)
+            if kind == "wgmma":
+                _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, **consts, **flags)
+            else:
+                w_desc = TensorDescriptor.from_tensor(qweight, [r * warps, 256], W_SMEM_LAYOUT)
+                _w4a16_ws_kernel[grid](x_desc, w_desc, *args[2:], out, *sizes, ws, count, **consts, **flags,
+                                       maxnreg=_ws_maxnreg(block_m, r, warps))
         elif kind == "ring":
             _w4a16_ring_kernel[grid](x, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m, R=r,
                                      NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags, **pdl_args(x))
