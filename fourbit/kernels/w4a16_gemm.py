@@ -152,10 +152,22 @@ def _ring_params(s_ring, z_ring, slot, rows, SYM: gl.constexpr, BF16: gl.constex
     return _pack_params(z, s_ring.index(slot).load(rows.type.layout), BF16, True)
 
 
+@triton.constexpr_function
+def _words_layout(num_warps):
+    """How a program holds its packed words (RB, lane, word): each lane its 8 words of every 16-row block."""
+    return gl.BlockedLayout([1, 1, 8], [1, 32, 1], [num_warps, 1, 1], [2, 1, 0])
+
+
+@triton.constexpr_function
+def _groups_per_tile(group_size):
+    """Groups of a 128-wide K tile (per-channel: the one group): the group-parameter slots of a ring stage."""
+    return 1 if group_size == -1 else 128 // group_size
+
+
 @gluon.jit
 def _word_offsets(pid_n, N, KT, RB: gl.constexpr, NUM_WARPS: gl.constexpr):
     """Offsets (RB, lane, word) of this program's 16-row blocks in tile 0, and their mask (rows past N)."""
-    w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
+    w_l: gl.constexpr = _words_layout(NUM_WARPS)
     rb = pid_n * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_l)))
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_l)))
     word = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_l)))
@@ -312,15 +324,24 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
 
 @gluon.jit
 def _ring_weights(stage, kt, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, s_ptr, z_ptr, p_off, p_ok, s_ring, z_ring,
-                  GS: gl.constexpr, GPT: gl.constexpr, SYM: gl.constexpr):
+                  GS: gl.constexpr, SYM: gl.constexpr):
     """Start the async copies (cp.async, not committed) of tile kt's weights into ring stage `stage`: this
-    program's packed words and the tile's zero points and scales (per-channel: group 0 each time, from L2). Past
-    the split's last tile the copies are masked off, which writes zeros and reads nothing."""
+    program's packed words and the tile's group parameters (_copy_params). Past the split's last tile the copies
+    are masked off, which writes zeros and reads nothing."""
     live = kt < kt1
     async_copy.async_copy_global_to_shared(w_ring.index(stage), qw_ptr + w_off + kt * 256, mask=w_ok & live)
+    _copy_params(stage, kt, K, N, s_ptr, z_ptr, p_off, p_ok & live, s_ring, z_ring, GS, SYM)
+
+
+@gluon.jit
+def _copy_params(stage, kt, K, N, s_ptr, z_ptr, p_off, p_ok, s_ring, z_ring, GS: gl.constexpr, SYM: gl.constexpr):
+    """Start the cp.async copies of tile kt's zero points and scales (rows p_off where p_ok; per-channel: group 0
+    each time, from L2) into the rings' slots of stage `stage` (stage · groups per tile + group). Groups past K
+    are masked off: zeros written, nothing read."""
+    GPT: gl.constexpr = _groups_per_tile(GS)
     for q in gl.static_range(GPT):
         g = 0 if GS == -1 else kt * GPT + q  # the tile's groups
-        p_mask = p_ok & live & (g * GS < K)
+        p_mask = p_ok & (g * GS < K)
         slot = stage * GPT + q
         async_copy.async_copy_global_to_shared(s_ring.index(slot), s_ptr + g * N + p_off, mask=p_mask)
         if not SYM:
@@ -349,7 +370,7 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
     BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
     RB: gl.constexpr = R * NUM_WARPS
     BN: gl.constexpr = 16 * RB
-    GPT: gl.constexpr = 1 if GS == -1 else 128 // GS  # groups per tile
+    GPT: gl.constexpr = _groups_per_tile(GS)
     SPG: gl.constexpr = 8 if GS == -1 else GS // 16  # slices per group (per-channel: a tile's worth)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, 8])
@@ -379,7 +400,7 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
     # STAGES - 2 newest groups still covers tile kt's weights and X.
     for f in gl.static_range(STAGES - 1):
         _ring_weights(f, kt0 + f, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, s_ptr, z_ptr, p_off, p_ok, s_ring,
-                      z_ring, GS, GPT, SYM)
+                      z_ring, GS, SYM)
         async_copy.commit_group()
     if PDL:
         gdc_wait()  # X, the workspace and Y only from here on
@@ -395,7 +416,7 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
         gl.thread_barrier()  # every thread's (X and the parameters are shared), and tile kt - 1's stage is free
         refill = (j + STAGES - 1) % STAGES
         _ring_weights(refill, kt + STAGES - 1, kt1, K, N, qw_ptr, w_off, w_ok, w_ring, s_ptr, z_ptr, p_off, p_ok,
-                      s_ring, z_ring, GS, GPT, SYM)
+                      s_ring, z_ring, GS, SYM)
         _ring_x(refill, kt + STAGES - 1, kt1, K, x_ptr, x_off, x_ok, xk, x_ring)
         async_copy.commit_group()
         w0, w1 = _tile_halves(w_ring.index(stage).load(w_off.type.layout), RB)
@@ -462,7 +483,8 @@ def _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ptr, 
         if GS != -1 and GS < 128:
             if i % (GS // 16) == 0:  # a new group starts at this slice
                 if RING:
-                    zz, s2 = _ring_params(s_ptr, z_ptr, stage * (128 // GS) + i // (GS // 16), rows, SYM, BF16)
+                    zz, s2 = _ring_params(s_ptr, z_ptr, stage * _groups_per_tile(GS) + i // (GS // 16), rows, SYM,
+                                          BF16)
                 else:
                     k0 = kt * 128 + 16 * i
                     zz, s2 = _group_params(s_ptr, z_ptr, k0 // GS, rows, rows_ok & (k0 < K), N, SYM, BF16, True)
@@ -566,19 +588,12 @@ def _ws_load_w(w_desc, w_smem, s_ring, z_ring, wready, wempty, s_ptr, z_ptr, N, 
     time, from L2) into the parameter rings' slots of that stage. The stage's ready barrier completes when both
     have landed."""
     STAGES: gl.constexpr = wready.shape[0]
-    GPT: gl.constexpr = 1 if GS == -1 else 128 // GS  # groups per tile
-    p_l: gl.constexpr = gl.BlockedLayout([8], [32], [1], [0])
-    p_off = rb0 * 16 + gl.arange(0, s_ring.shape[1], layout=p_l)
+    p_off = rb0 * 16 + gl.arange(0, s_ring.shape[1], layout=gl.BlockedLayout([8], [32], [1], [0]))
     for kt in range(kt0, kt1):
         j = kt - kt0
         stage = j % STAGES
         mbarrier.wait(wempty.index(stage), ((j // STAGES) & 1) ^ 1)
-        for q in gl.static_range(GPT):
-            g = 0 if GS == -1 else kt * GPT + q
-            ok = (p_off < N) & (g * GS < K)  # masked off: zeros written, nothing read
-            async_copy.async_copy_global_to_shared(s_ring.index(stage * GPT + q), s_ptr + g * N + p_off, mask=ok)
-            if not SYM:
-                async_copy.async_copy_global_to_shared(z_ring.index(stage * GPT + q), z_ptr + g * N + p_off, mask=ok)
+        _copy_params(stage, kt, K, N, s_ptr, z_ptr, p_off, p_off < N, s_ring, z_ring, GS, SYM)
         bar = wready.index(stage)
         async_copy.mbarrier_arrive(bar)  # counted before the arrival below: the phase waits for the copies
         mbarrier.expect(bar, w_desc.block_type.nbytes)
@@ -591,8 +606,8 @@ def _ws_words(w_smem, wready, j, live, RB: gl.constexpr, NUM_WARPS: gl.constexpr
     STAGES: gl.constexpr = wready.shape[0]
     mbarrier.wait(wready.index(j % STAGES), (j // STAGES) & 1, pred=live)
     words = w_smem.index(j % STAGES).load(gl.BlockedLayout([1, 8], [1, 32], [NUM_WARPS, 1], [1, 0]))
-    w_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 32, 1], [NUM_WARPS, 1, 1], [2, 1, 0])  # _word_offsets'
-    return _tile_halves(gl.convert_layout(gl.reshape(words, (RB, 32, 8)), w_l, assert_trivial=True), RB)
+    return _tile_halves(gl.convert_layout(gl.reshape(words, (RB, 32, 8)), _words_layout(NUM_WARPS),
+                                          assert_trivial=True), RB)
 
 
 @gluon.jit
@@ -608,7 +623,7 @@ def _ws_mma(x_smem, w_smem, s_ring, z_ring, xready, xempty, wready, wempty, N, K
     INFLIGHT: gl.constexpr = _inflight(BLOCK_M)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
-    GPT: gl.constexpr = 1 if GS == -1 else 128 // GS
+    GPT: gl.constexpr = _groups_per_tile(GS)
     w0, w1 = _ws_words(w_smem, wready, 0, True, RB, NUM_WARPS)
     rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w0.type.layout))
     rows_ok = rows < N
@@ -653,7 +668,7 @@ def _w4a16_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
     kt0, kt1 = _k_range(KT, TILES_PER_SPLIT)
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, 64], x_desc.layout)
     w_smem = gl.allocate_shared_memory(gl.int32, [STAGES, RB, 256], w_desc.layout)
-    GPT: gl.constexpr = 1 if GS == -1 else 128 // GS
+    GPT: gl.constexpr = _groups_per_tile(GS)
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     s_ring = gl.allocate_shared_memory(s_ptr.dtype.element_ty, [STAGES * GPT, 16 * RB], flat)
     z_ring = gl.allocate_shared_memory(gl.uint8, [STAGES * GPT, 16 * RB], flat)
@@ -756,6 +771,10 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
     return kind, block_m, r, warps, split, post, smem, stages
 
 
+# ring stages of the warp-specialized kernel by R (BN 64 or 128), as _ws_pick uses it: the H100 sweep's best
+WS_STAGES = {1: 4, 2: 3}
+
+
 def _ws_pick(m: int, n: int, k_tiles: int, sms: int) -> tuple:
     """The warp-specialized kernel's config for 16 < M <= 64: tiles of 32 or 64 rows; BN 128 (R 2, 3 stages) where
     those tiles alone fill the SMs or K is long enough to split cheaply (>= 128 tiles), else BN 64 (R 1, 4 stages);
@@ -768,7 +787,7 @@ def _ws_pick(m: int, n: int, k_tiles: int, sms: int) -> tuple:
     tiles = rows * triton.cdiv(n, 64 * r)
     fit = _ws_ctas_per_sm(block_m, r) * sms
     split = max(s for s in (1, 2, 4, 8) if s == 1 or (k_tiles // s >= 4 and tiles * s <= fit))
-    return "ws", block_m, r, 4, split, False, True, 4 if r == 1 else 3
+    return "ws", block_m, r, 4, split, False, True, WS_STAGES[r]
 
 
 def _ws_maxnreg(block_m: int, r: int, warps: int) -> int:
@@ -781,8 +800,7 @@ def _ws_maxnreg(block_m: int, r: int, warps: int) -> int:
 def _ws_ctas_per_sm(block_m: int, r: int) -> int:
     """4-warp CTAs of the warp-specialized kernel that fit an SM at _ws_pick's stages: registers (_ws_maxnreg)
     and shared memory (X and weight rings)."""
-    stages = 4 if r == 1 else 3
-    smem = stages * (block_m * 128 * 2 + 64 * r * 128 // 2) + 2048
+    smem = WS_STAGES[r] * (block_m * 128 * 2 + 64 * r * 128 // 2) + 2048
     return min(65536 // (_ws_maxnreg(block_m, r, 4) * 8 * 32), 228 * 1024 // (smem + 1024))
 
 
