@@ -84,6 +84,8 @@ _CASES.update({  # the warp-specialized kernel at _ws_pick's configs, and a grou
     f"ws-bf16-g128-{bm}-{r}-{atomic}": ("_w4a16_ws_kernel", "bf16", dict(GS=128, ATOMIC=atomic, BLOCK_M=bm, R=r,
                                                                           STAGES=4 if r == 1 else 3, **_WS))
     for bm in (32, 64) for r in (1, 2) for atomic in (False, True)})
+_CASES["ws-bf16-g128-128-rows"] = ("_w4a16_ws_kernel", "bf16", dict(GS=128, ATOMIC=False, BLOCK_M=128, R=1, STAGES=3,
+                                                                   **_WS))  # the config for 80 < M <= 256, K <= 4096
 _CASES["ws-fp16-g32-bias"] = ("_w4a16_ws_kernel", "fp16", dict(GS=32, SYM=True, HAS_BIAS=True, ATOMIC=True,
                                                                BLOCK_M=64, R=1, NUM_WARPS=4, STAGES=4))
 # the wgmma configs the cost model chooses among (w4a16_gemm.WGMMA_CTAS_PER_SM), split and not

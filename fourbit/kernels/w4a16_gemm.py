@@ -5,7 +5,8 @@ W[n, k] = (q[n, k] - z[g, n]) · s[g, n] with g = k // group_size (z = 8 when sy
 
 Kernels by M (the stored format is the same for all): `_w4a16_ring_kernel` for M <= 16 where N and K are
 multiples of 16, `_w4a16_mma_kernel` for M <= 8 otherwise and for every M on sm_80/sm_89, `_w4a16_ws_kernel`
-for 16 < M <= 64 and `_w4a16_wgmma_kernel` for the rest on Hopper.
+for 16 < M <= 64 (and up to 256 where K <= 4096 is too short to split well) and `_w4a16_wgmma_kernel` for the
+rest on Hopper.
 
 `_w4a16_mma_kernel` (Gluon) computes Yᵀ = W·Xᵀ with mma.m16n8k16, the weight as the A operand, so a decode batch
 fills the instruction's n = 8 instead of wasting 15/16 of m = 16:
@@ -36,10 +37,10 @@ weights are requested while the previous kernel (whose output X may be) is still
 register fragments to async wgmma (m64nBLOCK_Mk16, BLOCK_M from 16 to 256), with X streamed by TMA through a
 small ring of shared-memory tiles (mbarrier per stage) so X's loads overlap the tensor cores, and the next
 slice's dequant overlapping the running wgmma. X is read once per CTA instead of once per warp.
-`_w4a16_ws_kernel` (sm_90; 16 < M <= 64 where N and K are multiples of 16) is the wgmma kernel warp-specialized:
-two one-warp loaders stream X and the packed weight words (with their group parameters) into rings of their own,
-and the consumer warps read the words back from shared memory (each lane its own), dequantize them in registers
-and issue the wgmmas.
+`_w4a16_ws_kernel` (sm_90; 16 < M <= 64, and 80 < M <= 256 where K <= 4096 would otherwise be split; N and K
+multiples of 16) is the wgmma kernel warp-specialized: two one-warp loaders stream X and the packed weight words
+(with their group parameters) into rings of their own, and the consumer warps read the words back from shared
+memory (each lane its own), dequantize them in registers and issue the wgmmas.
 Speedups by M: benchmarks/results/<gpu>-w4a16.md; what limits each and what was tried: benchmarks/NOTES-w4a16.md.
 
 `_w4a16_dot_kernel` (Triton, tl.dot) computes the same product from the same layout; it runs under
@@ -759,6 +760,13 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
         block_m, warps, per_sm = 256, 8, 1
     elif m <= 256:  # one warpgroup, 2 stages: tile rows, BN and split by the cost model
         block_m, r, split = _wgmma_pick(m, n, k_tiles, sms)
+        if split > 1 and k_tiles <= 32 and m > 80 and aligned:
+            # K <= 4096 with too few tiles to fill the SMs unsplit (N <= ~6144): the warp-specialized kernel's 64-row
+            # (128 from M = 193) BN 64 tiles, unsplit, beat the wgmma kernel's split (its atomic epilogue is as
+            # long as the short K loop). H100, 6 short-K shapes (benchmarks/NOTES-w4a16.md): 1.03-1.44x from M = 96;
+            # at M = 65-72, the second row tile mostly padding, 0.92-1.17x
+            block_m = 64 if m <= 192 else 128
+            return "ws", block_m, 1, 4, 1, False, True, 4 if block_m == 64 else 3
         return kind, block_m, r, 4, split, post, smem, stages
     elif m < 512:  # 2-4 tiles of rows: whichever of three configs costs the fewest CTA waves
         block_m, warps, stages = _wide_pick(m, n, sms)
