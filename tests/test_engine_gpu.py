@@ -78,3 +78,29 @@ def test_dropped_engine_leaves_no_graph_memory(realdata):
         gc.collect()
         left.append(torch.cuda.memory_allocated())
     assert left[2] == left[1] == left[0], left
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+def test_launch_never_waits_for_the_device(realdata, cuda_graphs):
+    """Async scheduling needs Runner.launch to return before the GPU is done: no stream synchronization in prefill,
+    mixed or decode steps, greedy or sampled (top-p, seeded). torch's sync debug mode raises on any."""
+    model = fourbit.load(realdata / "stories260K.bin", torch.bfloat16, "cuda")
+    llm = LLM(model, config=EngineConfig(max_num_seqs=8, num_blocks=64, max_num_batched_tokens=16,
+                                         cuda_graphs=cuda_graphs))
+    launch, steps = llm.runner.launch, []
+
+    def checked(batch, pending):
+        steps.append(batch.is_decode)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(batch, pending)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    llm.runner.launch = checked
+    params = [SamplingParams(max_new_tokens=12, stop_at_eos=False),
+              SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, stop_at_eos=False),
+              SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, stop_at_eos=False)]
+    outs = llm.generate([[1, 5, 6] * k for k in (1, 4, 9)], params, progress=False)
+    assert [len(o.token_ids) for o in outs] == [12, 12, 12]
+    assert any(steps) and not all(steps)  # decode steps and prefill (or mixed) steps were checked

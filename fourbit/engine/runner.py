@@ -145,28 +145,32 @@ class Runner:
             if all(seq.params.temperature == 0 for seq in batch.seqs):
                 return self._to_host(greedy[:s], s, in_last=True)
             return self._to_host(self._sample(logits[:s], batch.seqs, greedy[:s].clone()), s)
+        want = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)) if seq.num_computed + n == seq.num_tokens]
         host["query_start"] = query_start.astype(np.int32)
         host["last"] = query_start[1:].astype(np.int64) - 1
+        host["want"] = np.asarray(want, dtype=np.int64)
         dev = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in host.items()}
         tokens = self._with_pending(dev["tokens"], dev["src"]) if pending else dev["tokens"]
         logits = self.model.forward_paged(tokens, batch_meta(dev, max(batch.num_new)), self.cache)
-        want = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)) if seq.num_computed + n == seq.num_tokens]
         if not want:
             return SampledTokens(None, None, s, [])
-        return self._to_host(self._sample(logits[want], [batch.seqs[i] for i in want]), s, want)
+        sampled = self._sample(logits[dev["want"]], [batch.seqs[i] for i in want])
+        return self._to_host(sampled, s, want, dev["want"])
 
     def _with_pending(self, tokens, src):
         """The step's input tokens with each pending one (src >= 0) read from the previous launch's output."""
         return torch.where(src >= 0, self.last[src.clamp(min=0)], tokens)
 
-    def _to_host(self, sampled, size: int, rows: list[int] | None = None, in_last=False) -> SampledTokens:
-        """Keep sampled[j], the token of batch row rows[j] (every row 0..size-1 when rows is None), in self.last
-        at that row for the next launch (unless a graph put it there: in_last) and start its copy to the host."""
+    def _to_host(self, sampled, size: int, rows: list[int] | None = None, index=None,
+                 in_last=False) -> SampledTokens:
+        """Keep sampled[j], the token of batch row rows[j] (every row 0..size-1 when rows is None; index: rows on
+        the device), in self.last at that row for the next launch (unless a graph put it there: in_last) and start
+        its copy to the host."""
         if not in_last:
             if rows is None:
                 self.last[:size].copy_(sampled)
             else:
-                self.last[torch.tensor(rows, device=self.device)] = sampled
+                self.last[index] = sampled
         host = self._host_tokens[self._flip][:len(sampled)]
         host.copy_(sampled, non_blocking=True)
         done = None
@@ -175,20 +179,26 @@ class Runner:
             done.record()
         return SampledTokens(host, done, size, rows)
 
+    def _to_device(self, values: list, dtype=torch.long) -> torch.Tensor:
+        """A host list as a device tensor without waiting for the device (torch.tensor(..., device=) and indexing
+        with a list both synchronize the stream, which would undo async scheduling)."""
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
     def _sample(self, logits, seqs, greedy=None) -> torch.Tensor:
         """logits (S, V) float32 -> one token per sequence (on the device), each with its own SamplingParams.
-        greedy: the logits' argmax when already computed (a decode graph's)."""
+        greedy: the logits' argmax when already computed (a decode graph's). Nothing here waits for the device."""
         out = logits.argmax(-1) if greedy is None else greedy  # greedy rows keep this
         hot = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
         if hot:
             p = [seqs[i].params for i in hot]
-            temp = torch.tensor([x.temperature for x in p], device=logits.device)[:, None]
-            probs = torch.softmax(logits[hot] / temp, dim=-1)  # (H, V)
-            if any(x.top_p < 1 for x in p):  # decided on the host: no device sync
-                probs = nucleus(probs, torch.tensor([x.top_p for x in p], device=logits.device)[:, None])
+            temp = self._to_device([x.temperature for x in p], torch.float32)[:, None]
+            probs = torch.softmax(logits[self._to_device(hot)] / temp, dim=-1)  # (H, V)
+            if any(x.top_p < 1 for x in p):  # decided on the host
+                probs = nucleus(probs, self._to_device([x.top_p for x in p], torch.float32)[:, None])
             shared = [j for j, x in enumerate(p) if x.seed is None]
             if shared:
-                out[[hot[j] for j in shared]] = torch.multinomial(probs[shared], 1, generator=self.generator)[:, 0]
+                picked = torch.multinomial(probs[self._to_device(shared)], 1, generator=self.generator)[:, 0]
+                out[self._to_device([hot[j] for j in shared])] = picked
             for j, x in enumerate(p):
                 if x.seed is not None:
                     seq = seqs[hot[j]]
