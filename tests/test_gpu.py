@@ -67,6 +67,31 @@ def test_w4a16_kernel_configs_on_cuda(cfg, dtype, m):
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("m", [129, 144, 257, 300, 320])
+def test_w4a16_row_parts_on_cuda(m):
+    """Just past 128 or 256 rows a large layer runs as two launches on Hopper (the first 128 / 256 rows, then the
+    rest) writing disjoint rows of one output: every row written, and right, with bias and split-K workspaces reused."""
+    from fourbit.kernels.w4a16_gemm import _row_parts, kernel_for, w4a16_gemm
+
+    n, k = 20480, 4112  # N >= 12288, N·K >= 80·2^20; K not a multiple of 128
+    assert len(_row_parts(m, n, -(-k // 128), True)) == 2
+    hopper = torch.cuda.get_device_capability()[0] == 9  # elsewhere one launch: the same checks apply
+    assert ("+" in kernel_for(torch.device("cuda"), m, n, k)) == hopper
+    torch.manual_seed(m)
+    codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 128, False, SCALE_DTYPE)
+    layer = W4A16Linear.from_codes(codes, scales, zeros, 128, k, torch.randn(n, device="cuda"))
+    ref_w = layer.dequantize().double().t()
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # freed at once: the output's future block
+        y = w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, 128, n, k, layer.bias)
+        ref = x.double() @ ref_w + layer.bias.double()
+        assert torch.isfinite(y).all()
+        base = 128 if m <= 144 else 256
+        for rows in (slice(0, base), slice(base, m)):
+            assert float((y[rows].double() - ref[rows]).norm() / ref[rows].norm()) < 1e-2
+
+
 def test_golden_text_on_cuda(realdata):
     model = fourbit.load(realdata / "stories260K.bin", device="cuda")
     tok = fourbit.Tokenizer(realdata / "tok512.model")

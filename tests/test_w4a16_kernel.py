@@ -209,3 +209,20 @@ def test_ws_occupancy_matches_the_compile(compiled, bm, r):
     regs = max(k["regs"] for k in runs)
     smem = max(k["smem"] + k["shared"] for k in runs)
     assert min(65536 // (regs * 8 * 32), 228 * 1024 // (smem + 1024)) == _ws_ctas_per_sm(bm, r), (regs, smem)
+
+
+def test_row_parts_only_for_large_layers_just_past_128_or_256_rows_on_hopper():
+    # two launches, the first 128 or 256 rows and the rest, on sm_90 only: 256 < M <= 288 where N·K >= 2^25 (to
+    # M = 320 where also N >= 12288), 128 < M <= 144 where N·K >= 80·2^20
+    from fourbit.kernels.w4a16_gemm import _row_parts
+
+    assert _row_parts(288, 8192, 32, True) == ((0, 256), (256, 288))
+    assert _row_parts(257, 16384, 16, True) == ((0, 256), (256, 257))  # N·K = 2^25 exactly
+    assert _row_parts(320, 12288, 32, True) == ((0, 256), (256, 320))
+    assert _row_parts(144, 22016, 32, True) == ((0, 128), (128, 144))
+    assert _row_parts(129, 8192, 80, True) == ((0, 128), (128, 129))  # N·K = 80·2^20 exactly
+    for m, n, k_tiles, hopper in [(288, 8192, 32, False), (256, 8192, 32, True), (289, 8192, 32, True),
+                                  (321, 12288, 32, True), (288, 6144, 32, True), (288, 16384, 15, True),
+                                  (136, 22016, 32, False), (128, 22016, 32, True), (145, 22016, 32, True),
+                                  (136, 15360, 40, True)]:
+        assert _row_parts(m, n, k_tiles, hopper) == ((0, m), )

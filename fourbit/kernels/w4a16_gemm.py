@@ -6,7 +6,8 @@ W[n, k] = (q[n, k] - z[g, n]) · s[g, n] with g = k // group_size (z = 8 when sy
 Kernels by M (the stored format is the same for all): `_w4a16_ring_kernel` for M <= 16 where N and K are
 multiples of 16, `_w4a16_mma_kernel` for M <= 8 otherwise and for every M on sm_80/sm_89, `_w4a16_ws_kernel`
 for 16 < M <= 64 (and up to 256 where K <= 4096 is too short to split well) and `_w4a16_wgmma_kernel` for the
-rest on Hopper.
+rest on Hopper. On large layers an M just past 128 or 256 runs as two launches, the first 128 / 256 rows and the
+rest (_row_parts).
 
 `_w4a16_mma_kernel` (Gluon) computes Yᵀ = W·Xᵀ with mma.m16n8k16, the weight as the A operand, so a decode batch
 fills the instruction's n = 8 instead of wasting 15/16 of m = 16:
@@ -907,18 +908,20 @@ def _aligned(n: int, k: int) -> bool:
 
 
 def kernel_for(device: torch.device, m: int, n: int, k: int) -> str:
-    """The kernel w4a16_gemm runs for an (m, n, k) product on a CUDA device."""
+    """The kernel w4a16_gemm runs for an (m, n, k) product on a CUDA device ("a + b" where it takes two launches)."""
     cap = capability(device.index)
     if cap < (8, 0) or not GLUON_OK:
         return "_w4a16_dot_kernel"
-    kind = _config(m, n, -(-k // K_TILE), sm_count(device.index), cap[0] == 9, _aligned(n, k))[0]
-    return f"_w4a16_{kind}_kernel"
+    k_tiles, hopper = -(-k // K_TILE), cap[0] == 9
+    kinds = [_config(b - a, n, k_tiles, sm_count(device.index), hopper, _aligned(n, k))[0]
+             for a, b in _row_parts(m, n, k_tiles, hopper)]
+    return " + ".join(f"_w4a16_{kind}_kernel" for kind in kinds)
 
 
 def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
     """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias) on the GPU (or under TRITON_INTERPRET=1). See the module doc.
 
-    config: a tuple as _config returns, to override the choice by M (for tuning).
+    config: a tuple as _config returns, to override the choice by M (for tuning); it then covers all of M.
     """
     m = x.shape[0]
     x = x.contiguous()
@@ -926,51 +929,86 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     cap = capability(x.device.index) if x.is_cuda else (0, 0)
     sms = sm_count(x.device.index) if x.is_cuda else 4
     aligned = _aligned(n, k)
-    kind, block_m, r, warps, split, post, smem, stages = config or _config(m, n, k_tiles, sms, cap[0] == 9, aligned)
-    if kind in ("ring", "ws") and not aligned:
-        raise FourbitError(f"the {kind} kernel needs N and K in multiples of 16 (got {n}, {k}): choose another config")
+    if config is not None and config[0] in ("ring", "ws") and not aligned:
+        raise FourbitError(f"the {config[0]} kernel needs N and K in multiples of 16 (got {n}, {k}): "
+                           "choose another config")
+    gluon = cap >= (8, 0) and GLUON_OK
+    if cap >= (8, 0) and not gluon:
+        _warn_no_gluon()
+    parts = _row_parts(m, n, k_tiles, cap[0] == 9) if gluon and not config else ((0, m), )
+    configs = [config or _config(b - a, n, k_tiles, sms, cap[0] == 9, aligned) for a, b in parts]
+    # the Gluon kernels reduce K splits themselves (Y in x's dtype); the portable one adds them into fp32
+    fp32 = not gluon and _k_split(k_tiles, configs[0][4])[1] > 1
+    out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if fp32 else x.new_empty((m, n))
+    for (a, b), cfg in zip(parts, configs):
+        _launch(x[a:b], qweight, scales, zeros, bias, out[a:b], group_size, n, k, k_tiles, cfg, gluon)
+    return out.to(x.dtype) if fp32 else out
+
+
+def _k_split(k_tiles: int, split: int) -> tuple[int, int]:
+    """(K tiles per split, splits) for a requested split: no split left empty."""
     per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, per_split)
-    atomic = split > 1
+    return per_split, triton.cdiv(k_tiles, per_split)
+
+
+def _row_parts(m: int, n: int, k_tiles: int, hopper: bool) -> tuple:
+    """The row ranges of X that w4a16_gemm computes as separate launches, on Hopper: the first 256 rows and the
+    rest for 256 < M <= 288 on layers with N·K >= 2^25 (and up to M = 320 where also N >= 12288), the first 128 and
+    the rest for 128 < M <= 144 where N·K >= 80·2^20; else all of M at once. The rest runs on the ring or
+    warp-specialized kernel; one launch would take tiles mostly of padding or dequantize every weight tile once more.
+    The second launch reads the weights again: it pays where the product is compute-bound and the layer large.
+    Fitted to H100 probes on 19 Llama/Qwen/Mistral layer shapes, checked on 8 more (benchmarks/NOTES-w4a16.md):
+    1.01-1.67x the single launch at 137 of the 140 measured points where it applies, 0.85-0.91x at 3 (Phi-3-medium
+    qkv, 7680 x 5120); outside it two launches measured 0.75-1.29x (the second launch's fixed cost on small
+    layers, the rest's split K where N is small)."""
+    size = n * k_tiles * K_TILE
+    if hopper and size >= 1 << 25 and (256 < m <= 288 or 288 < m <= 320 and n >= 12288):
+        return ((0, 256), (256, m))
+    if hopper and 128 < m <= 144 and size >= 80 << 20:
+        return ((0, 128), (128, m))
+    return ((0, m), )
+
+
+def _launch(x, qweight, scales, zeros, bias, out, group_size: int, n: int, k: int, k_tiles: int, config: tuple,
+            gluon: bool):
+    """One launch of the kernel `config` names (without `gluon`: the portable _w4a16_dot_kernel, for the
+    interpreter, a pre-Ampere GPU or another Triton): out (x's rows, n) = x · dequant(W)ᵀ (+ bias)."""
+    m = x.shape[0]
+    kind, block_m, r, warps, split, post, smem, stages = config
+    per_split, split = _k_split(k_tiles, split)
     args = (x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales)
     sizes = (m, n, k, k_tiles, per_split)
-    flags = dict(SYM=zeros is None, HAS_BIAS=bias is not None, ATOMIC=atomic)
-    if cap >= (8, 0) and not GLUON_OK:
-        _warn_no_gluon()
-    if cap >= (8, 0) and GLUON_OK:  # the kernels reduce K splits themselves: one launch, Y in x's dtype
-        out = x.new_empty((m, n))
-        grid = (triton.cdiv(n, N_TILE * r * warps), triton.cdiv(m, block_m), split)
-        ws, count = _split_workspace(x.device, m * n, grid[0] * grid[1]) if atomic else (out, out)
-        if kind != "mma" and x.data_ptr() % 16:  # TMA and cp.async copy 16-byte aligned rows of X
-            x = x.clone()
-        if kind in ("wgmma", "ws"):
-            # zero columns pad K to a multiple of 8 (rows in whole 16 bytes; the ring needs no pad); rows: _pad_rows
-            pad_m = _pad_rows(m, block_m, warps)
-            if k % 8 or pad_m:
-                x = torch.nn.functional.pad(x, (0, -k % 8, 0, pad_m))
-            x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], X_SMEM_LAYOUT)
-            consts = dict(GS=group_size, BLOCK_M=block_m, R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps)
-            if kind == "wgmma":
-                _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, **consts, **flags)
-            else:
-                w_desc = TensorDescriptor.from_tensor(qweight, [r * warps, 256], W_SMEM_LAYOUT)
-                _w4a16_ws_kernel[grid](x_desc, w_desc, *args[2:], out, *sizes, ws, count, **consts, **flags,
-                                       maxnreg=_ws_maxnreg(block_m, r, warps))
-        elif kind == "ring":
-            _w4a16_ring_kernel[grid](x, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m, R=r,
-                                     NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags, **pdl_args(x))
+    flags = dict(SYM=zeros is None, HAS_BIAS=bias is not None, ATOMIC=split > 1)
+    if not gluon:
+        gs = k_tiles * K_TILE if group_size == -1 else group_size  # per-channel: every k is in group 0
+        block_m, block_n = max(16, min(64, block_m)), 16 * r * warps
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+        _w4a16_dot_kernel[grid](*args, out, *sizes, gs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **flags)
+        return
+    grid = (triton.cdiv(n, N_TILE * r * warps), triton.cdiv(m, block_m), split)
+    ws, count = _split_workspace(x.device, m * n, grid[0] * grid[1]) if split > 1 else (out, out)
+    if kind != "mma" and x.data_ptr() % 16:  # TMA and cp.async copy 16-byte aligned rows of X
+        x = x.clone()
+    if kind in ("wgmma", "ws"):
+        # zero columns pad K to a multiple of 8 (rows in whole 16 bytes; the ring needs no pad); rows: _pad_rows
+        pad_m = _pad_rows(m, block_m, warps)
+        if k % 8 or pad_m:
+            x = torch.nn.functional.pad(x, (0, -k % 8, 0, pad_m))
+        x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], X_SMEM_LAYOUT)
+        consts = dict(GS=group_size, BLOCK_M=block_m, R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps)
+        if kind == "wgmma":
+            _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, **consts, **flags)
         else:
-            _w4a16_mma_kernel[grid](*args, out, *sizes, ws, count, GS=group_size, POST_SCALE=post, X_SMEM=smem,
-                                    EVEN_K=k % K_TILE == 0, BLOCK_M=block_m, R=r, NUM_WARPS=warps,
-                                    num_warps=warps, **flags)
-        return out
-    # the interpreter (CPU tests), a pre-Ampere GPU, or a Triton the Gluon kernels were not written for
-    out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if atomic else x.new_empty((m, n))
-    gs = k_tiles * K_TILE if group_size == -1 else group_size  # per-channel: every k is in group 0
-    block_m, block_n = max(16, min(64, block_m)), 16 * r * warps
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-    _w4a16_dot_kernel[grid](*args, out, *sizes, gs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **flags)
-    return out.to(x.dtype) if atomic else out
+            w_desc = TensorDescriptor.from_tensor(qweight, [r * warps, 256], W_SMEM_LAYOUT)
+            _w4a16_ws_kernel[grid](x_desc, w_desc, *args[2:], out, *sizes, ws, count, **consts, **flags,
+                                   maxnreg=_ws_maxnreg(block_m, r, warps))
+    elif kind == "ring":
+        _w4a16_ring_kernel[grid](x, *args[1:], out, *sizes, ws, count, GS=group_size, BLOCK_M=block_m, R=r,
+                                 NUM_WARPS=warps, STAGES=stages, num_warps=warps, **flags, **pdl_args(x))
+    else:
+        _w4a16_mma_kernel[grid](*args, out, *sizes, ws, count, GS=group_size, POST_SCALE=post, X_SMEM=smem,
+                                EVEN_K=k % K_TILE == 0, BLOCK_M=block_m, R=r, NUM_WARPS=warps,
+                                num_warps=warps, **flags)
 
 
 @functools.cache
