@@ -912,10 +912,8 @@ def kernel_for(device: torch.device, m: int, n: int, k: int) -> str:
     cap = capability(device.index)
     if cap < (8, 0) or not GLUON_OK:
         return "_w4a16_dot_kernel"
-    k_tiles, hopper = -(-k // K_TILE), cap[0] == 9
-    kinds = [_config(b - a, n, k_tiles, sm_count(device.index), hopper, _aligned(n, k))[0]
-             for a, b in _row_parts(m, n, k_tiles, hopper)]
-    return " + ".join(f"_w4a16_{kind}_kernel" for kind in kinds)
+    plan = _plan(m, n, -(-k // K_TILE), sm_count(device.index), cap[0] == 9, _aligned(n, k))
+    return " + ".join(f"_w4a16_{config[0]}_kernel" for _, _, config in plan)
 
 
 def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
@@ -935,14 +933,21 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     gluon = cap >= (8, 0) and GLUON_OK
     if cap >= (8, 0) and not gluon:
         _warn_no_gluon()
-    parts = _row_parts(m, n, k_tiles, cap[0] == 9) if gluon and not config else ((0, m), )
-    configs = [config or _config(b - a, n, k_tiles, sms, cap[0] == 9, aligned) for a, b in parts]
-    # the Gluon kernels reduce K splits themselves (Y in x's dtype); the portable one adds them into fp32
-    fp32 = not gluon and _k_split(k_tiles, configs[0][4])[1] > 1
+    plan = ((0, m, config), ) if config else _plan(m, n, k_tiles, sms, cap[0] == 9, aligned, gluon)
+    # the Gluon kernels reduce K splits themselves (Y in x's dtype); the portable one (one launch) adds them in fp32
+    fp32 = not gluon and _k_split(k_tiles, plan[0][2][4])[1] > 1
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if fp32 else x.new_empty((m, n))
-    for (a, b), cfg in zip(parts, configs):
+    for a, b, cfg in plan:
         _launch(x[a:b], qweight, scales, zeros, bias, out[a:b], group_size, n, k, k_tiles, cfg, gluon)
     return out.to(x.dtype) if fp32 else out
+
+
+@functools.cache  # on every call's launch path
+def _plan(m: int, n: int, k_tiles: int, sms: int, hopper: bool, aligned: bool, split_rows: bool = True) -> tuple:
+    """The launches of an (m, n) product: ((first row, end row, _config's tuple), ...), the rows split by
+    _row_parts when split_rows (the Gluon kernels), else all of M in one."""
+    parts = _row_parts(m, n, k_tiles, hopper) if split_rows else ((0, m), )
+    return tuple((a, b, _config(b - a, n, k_tiles, sms, hopper, aligned)) for a, b in parts)
 
 
 def _k_split(k_tiles: int, split: int) -> tuple[int, int]:
