@@ -138,6 +138,22 @@ def test_split_kv_decode(window):
     _check_kernel(specs, hq=8, hkv=2, window=window, config=AttnConfig(4, 16, 4, 2, 4), seed=21)
 
 
+def test_split_kv_decode_empty_splits_write_no_acc(monkeypatch):
+    """Split-KV decode with 8 splits of 128-key tiles (1 stage): contexts of 1-3 tiles leave most splits empty,
+    which write no acc; the combine must not read it (the workspace is poisoned with NaN), also for a padding
+    sequence (seq_len 0) whose splits are all empty."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    specs = [(300, 1), (1, 1), (0, 1), (129, 1), (128, 1)]
+    for window in (None, 150):
+        _check_kernel(specs, hq=8, hkv=2, window=window, config=AttnConfig(4, 128, 4, 1, 8), seed=23)
+
+
 def test_strided_q_and_padded_queries():
     """q as a view of a fused qkv output (row stride > Hq·D); query_start padded past the last sequence
     (CUDA-graph token padding: rows nobody owns are left as they were)."""

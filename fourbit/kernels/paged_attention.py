@@ -29,8 +29,8 @@ Kernel `_paged_attention_kernel`, one program per (tile of BLOCK_Q query tokens 
   split does an equal share (whole key tiles) of the sequence's keys and writes fp32 (acc, max, sum) to a
   workspace; `_combine_kernel` (one program per (sequence, query head)) rescales and sums the splits. The number
   of splits depends only on host-known sizes (S, Hkv, the block-table width), so a captured graph stays valid;
-  the shares are computed in the kernel from seq_lens, so a short context in a wide block table still uses
-  every split.
+  the shares are computed in the kernel from seq_lens, in whole key tiles: a short context in a wide block table
+  uses as many splits as it has tiles, and the splits past it only mark themselves empty for the combine.
 """
 from __future__ import annotations
 
@@ -126,6 +126,7 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
         seq = tl.program_id(1)
         q_begin = tl.load(query_start + seq)
         q_len = tl.load(query_start + seq + 1) - q_begin
+        seq_len = tl.load(seq_lens + seq)  # in flight with the two above: a decode program is a short latency chain
         j0 = 0
         if q_len == 0:
             return
@@ -138,7 +139,7 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
         if i >= n_tiles:  # a slot past this sequence's tiles (or a sequence with no new tokens)
             return
         j0 = (n_tiles - 1 - i) * BLOCK_Q  # last tile first: the longest key ranges start early (less tail)
-    seq_len = tl.load(seq_lens + seq)
+        seq_len = tl.load(seq_lens + seq)
     ctx = seq_len - q_len  # tokens cached before this step's
 
     rows = tl.arange(0, BLOCK_M)
@@ -147,8 +148,6 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
     row_ok = (j < q_len) & (g < G)
     q_pos = ctx + j  # absolute positions
     offs_d = tl.arange(0, D)
-    q_off = (q_begin + j).to(tl.int64) * stride_qt + (kv_head * G + g) * stride_qh
-    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
 
     # keys the tile needs: [lo, hi) = window start of its first query .. its last query
     p_min = ctx + j0
@@ -157,11 +156,18 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
     lo = 0
     if WINDOW:
         lo = tl.maximum(p_min - window + 1, 0)
-    if SPLIT:  # this split's share of the keys actually there (whole key tiles): no split idles on a short context
+    if SPLIT:  # this split's share of the keys actually there, in whole key tiles (a short context leaves splits empty)
         chunk = tl.cdiv(tl.cdiv(hi - lo, tl.num_programs(2)), BLOCK_N) * BLOCK_N
         lo = lo + tl.program_id(2) * chunk
         hi = tl.minimum(hi, lo + chunk)
     hi = tl.maximum(hi, lo)  # an empty range: a split past the context, or seq_len 0 (ctx = -q_len)
+    head = kv_head * G + g
+    if SPLIT:
+        part = (seq * (tl.num_programs(0) * G) + head) * tl.num_programs(2) + tl.program_id(2)  # (BLOCK_M,)
+        if hi == lo:  # a split past the context: weight 0 for _combine_kernel, which then skips its acc
+            tl.store(ws_ml + part * 2, tl.full((BLOCK_M,), -1.0e30, tl.float32), mask=row_ok)
+            tl.store(ws_ml + part * 2 + 1, tl.zeros((BLOCK_M,), tl.float32), mask=row_ok)
+            return
     # tiles lo + i·BLOCK_N: masked ones up to the last query's window start, mask-free ones while their last key
     # is <= the first query's position, masked ones to hi
     full_lo = lo
@@ -170,6 +176,8 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
     a = tl.minimum(lo + tl.cdiv(full_lo - lo, BLOCK_N) * BLOCK_N, hi)
     b = a + tl.maximum(tl.minimum(p_min + 1, hi) - a, 0) // BLOCK_N * BLOCK_N  # whole tiles only
 
+    q_off = (q_begin + j).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
     bt_row = block_tables + seq.to(tl.int64) * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_kh
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
@@ -182,10 +190,7 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_cache, v_cache, bt_row, kv_head_off, stride_kb, stride_kt,
                             scale_log2e, b, hi, q_pos, hi, window, BLOCK_SIZE, BLOCK_N, D, True, WINDOW)
 
-    head = kv_head * G + g
     if SPLIT:  # this split's unnormalized part; _combine_kernel weighs the splits
-        n_split = tl.num_programs(2)
-        part = (seq * (tl.num_programs(0) * G) + head) * n_split + tl.program_id(2)  # (BLOCK_M,)
         tl.store(ws_acc + part.to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
         tl.store(ws_ml + part * 2, m_i, mask=row_ok)
         tl.store(ws_ml + part * 2 + 1, l_i, mask=row_ok)
@@ -203,15 +208,17 @@ def _combine_kernel(ws_acc, ws_ml, query_start, out_ptr, stride_ot, stride_oh,
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_begin = tl.load(query_start + seq)
-    if tl.load(query_start + seq + 1) == q_begin:
-        return
+    q_end = tl.load(query_start + seq + 1)
     part = (seq * tl.num_programs(1) + head) * SPLITS + tl.arange(0, SPLITS)  # (SPLITS,)
-    m = tl.load(ws_ml + part * 2)
+    m = tl.load(ws_ml + part * 2)  # in flight with query_start's (a sequence without a new token stores nothing)
     l_ = tl.load(ws_ml + part * 2 + 1)
+    if q_end == q_begin:
+        return
     w = tl.exp2(m - tl.max(m, axis=0))  # (SPLITS,)
     den = tl.sum(w * l_, axis=0)
     offs_d = tl.arange(0, D)
-    acc = tl.load(ws_acc + part.to(tl.int64)[:, None] * D + offs_d[None, :])  # (SPLITS, D)
+    wrote = m > -1.0e30  # a split past the context wrote only (m, l) = (-1e30, 0)
+    acc = tl.load(ws_acc + part.to(tl.int64)[:, None] * D + offs_d[None, :], mask=wrote[:, None], other=0.0)
     o = tl.sum(acc * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + q_begin.to(tl.int64) * stride_ot + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
@@ -221,19 +228,22 @@ def _config(gp: int, max_query_len: int, programs: int, max_context: int, sms: i
     """Tile sizes from the shapes. programs = S · Hkv (decode grid), max_context = block-table width × block_size
     (an upper bound of every sequence's length, known on the host).
 
-    Picked from sweeps on an H200 (bf16, block_size 16, D 64/128/256, G 1/4/8, 2026-11-22): for prefill, 64-row
-    tiles, 64-key tiles, 4 warps, 2 stages were best or within 10% of the best on every shape swept (128-row tiles
-    win by a few % on long prompts and lose up to 20% on short ones); that reaches 52-91% of torch SDPA (causal,
-    dense tensors) in TFLOP/s. For decode, 64-key tiles; with fewer than 2 programs per SM, splitting each context
-    until there are ~4 programs per SM (>= 64 keys per split, <= 32 splits) took S = 1..8 decodes from 0.15-1.3
-    TB/s to 0.47-3.5 TB/s of K/V read (CUDA-graph replay); with more programs, splits only cost (the combine pass);
-    large batches read 3.8-4.2 TB/s."""
+    Prefill, from sweeps on an H200 (bf16, block_size 16, D 64/128/256, G 1/4/8, 2026-11-22): 64-row tiles, 64-key
+    tiles, 4 warps, 2 stages were best or within 10% of the best on every shape swept (128-row tiles win by a few %
+    on long prompts and lose up to 20% on short ones); that reaches 52-91% of torch SDPA (causal, dense tensors) in
+    TFLOP/s.
+    Decode, from sweeps on an H100 (benchmarks/NOTES-serving.md): 64-key tiles, 2 stages; with fewer than 2
+    programs per SM, each context split until there are ~2 programs per SM (at most 16 splits). The kernel gives
+    each split whole tiles of the actual context, and the splits past it return at once. In the engine's decode
+    step (Llama-2-7B and Llama-3-8B W4A16, batch 1-16) this beat splitting to ~4 programs per SM (at most 32) by
+    0.3-3.7%, and 128-key tiles with 1 stage (faster in a chain of attention layers alone) by up to 5%.
+    Large batches read 2.3-3.0 TB/s of K/V."""
     if max_query_len == 1:
         # decode: one token per sequence; rows = padded G, at least 16 for tl.dot (the extra rows are masked)
         block_q = max(1, 16 // gp)
         splits = 1
         if programs < 2 * sms:
-            splits = min(triton.cdiv(4 * sms, programs), max_context // 64, 32)
+            splits = min(2 * sms // programs, max_context // 64, 16)
             splits = 1 << (max(1, splits).bit_length() - 1)  # a power of two (the combine kernel's arange)
         return AttnConfig(block_q, 64, 4, 2, splits)
     block_q = max(1, min(64 // gp, triton.next_power_of_2(max_query_len)))
