@@ -34,10 +34,10 @@ tile's group parameters) issued by cp.async a few tiles ahead into a shared-memo
 only on shared memory; each lane reads back its own packed words, and dequantized weights still never touch
 shared memory. On sm_90 it is launched with programmatic dependent launch (kernels/pdl.py): the first tiles'
 weights are requested while the previous kernel (whose output X may be) is still running.
-`_w4a16_wgmma_kernel` (sm_90; the other M > 8 on Hopper) feeds the same
-register fragments to async wgmma (m64nBLOCK_Mk16, BLOCK_M from 16 to 256), with X streamed by TMA through a
-small ring of shared-memory tiles (mbarrier per stage) so X's loads overlap the tensor cores, and the next
-slice's dequant overlapping the running wgmma. X is read once per CTA instead of once per warp.
+`_w4a16_wgmma_kernel` (sm_90; the other M > 8 on Hopper) feeds the same register fragments to async wgmma
+(m64nBLOCK_Mk16, BLOCK_M from 16 to 256), with X streamed by TMA through a small ring of shared-memory tiles
+(mbarrier per stage) so X's loads overlap the tensor cores, and the next slice's dequant overlapping the running
+wgmma. X is read once per CTA instead of once per warp.
 `_w4a16_ws_kernel` (sm_90; 16 < M <= 64, and 80 < M <= 256 where K <= 4096 would otherwise be split; N and K
 multiples of 16) is the wgmma kernel warp-specialized: two one-warp loaders stream X and the packed weight words
 (with their group parameters) into rings of their own, and the consumer warps read the words back from shared
@@ -660,10 +660,11 @@ def _w4a16_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
                      ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr,
                      ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr,
                      STAGES: gl.constexpr):
-    """16 < M <= 64 on Hopper: the wgmma kernel's math, warp-specialized. Two one-warp loaders stream X and the
-    packed weights (with the tile's group parameters) by TMA and cp.async, each into its own ring of STAGES stages
-    (ready / empty mbarriers), while the NUM_WARPS consumer warps only wait on shared memory, dequantize and issue
-    wgmma: no global load in their loop, and the weights run up to STAGES tiles ahead."""
+    """Hopper, 16 < M <= 64 and short-K layers up to M = 256 (_config): the wgmma kernel's math, warp-specialized.
+    Two one-warp loaders stream X and the packed weights (with the tile's group parameters) by TMA and cp.async,
+    each into its own ring of STAGES stages (ready / empty mbarriers), while the NUM_WARPS consumer warps only wait
+    on shared memory, dequantize and issue wgmma: no global load in their loop, and the weights run up to STAGES
+    tiles ahead."""
     RB: gl.constexpr = R * NUM_WARPS
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
