@@ -938,8 +938,10 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     # the Gluon kernels reduce K splits themselves (Y in x's dtype); the portable one (one launch) adds them in fp32
     fp32 = not gluon and _k_split(k_tiles, plan[0][2][4])[1] > 1
     out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if fp32 else x.new_empty((m, n))
-    for a, b, cfg in plan:
-        _launch(x[a:b], qweight, scales, zeros, bias, out[a:b], group_size, n, k, k_tiles, cfg, gluon)
+    # row slices only where the plan has several launches (a view costs ~1-3 us of host time per call)
+    parts = ((x, out, plan[0][2]), ) if len(plan) == 1 else ((x[a:b], out[a:b], cfg) for a, b, cfg in plan)
+    for xs, outs, cfg in parts:
+        _launch(xs, qweight, scales, zeros, bias, outs, group_size, n, k, k_tiles, cfg, gluon)
     return out.to(x.dtype) if fp32 else out
 
 
