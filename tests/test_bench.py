@@ -17,3 +17,13 @@ def test_pure_read_reads_every_word(words):
     padded = np.zeros(got.size * per_prog, np.int32)
     padded[:words] = buf.cpu().numpy()
     np.testing.assert_array_equal(got, np.bitwise_xor.reduce(padded.reshape(got.size, per_prog), axis=1))
+
+
+def test_rounds_make_replays_long_enough():
+    from fourbit.bench import MAX_CALLS, _rounds
+
+    assert _rounds(3.0, 1, 2.0) == 1  # a replay already long enough
+    assert _rounds(0.1, 6, 2.0) == 20  # 20 rounds of 6 calls: 2 ms
+    assert _rounds(0.3, 4, 2.0) == 7  # rounded up
+    assert _rounds(1e-4, 18, 2.0) == MAX_CALLS // 18  # capped
+    assert _rounds(1e-4, 2 * MAX_CALLS, 2.0) == 1
