@@ -49,14 +49,14 @@ def _copies(make, nbytes: int) -> list:
     return [make() for _ in range(max(1, -(-3 * L2_BYTES // max(nbytes, 1))))]
 
 
-def gpu_ms(fn, items: list, x, graph_ms: float = GRAPH_MS) -> float:
+def gpu_ms(fn, items: list, x) -> float:
     """Median ms of fn(x, item), timed as one CUDA graph calling it once per item (each rotated weight copy),
-    the items cycled until a replay runs at least graph_ms: GPU time without the host's launch overhead, as in a
+    the items cycled until a replay runs at least GRAPH_MS: GPU time without the host's launch overhead, as in a
     serving engine's captured decode step, and with the replay's own fixed cost spread thin."""
     from triton.testing import do_bench
 
     graph = capture(lambda: [fn(x, item) for item in items])
-    rounds = _rounds(do_bench(graph.replay, warmup=1, rep=5, return_mode="median"), len(items), graph_ms)
+    rounds = _rounds(do_bench(graph.replay, warmup=1, rep=5, return_mode="median"), len(items), GRAPH_MS)
     if rounds > 1:
         graph = capture(lambda: [fn(x, item) for _ in range(rounds) for item in items])
     return do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / (rounds * len(items))
