@@ -112,17 +112,19 @@ def _kv_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_p
                      ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DS: tl.constexpr, PDL: tl.constexpr):
     """Token t's k and v into its cache slot, columns d .. d_stored - 1 zero. With ROPE, q (into qo) and k are
-    rotated first (_rope_kernel's math; BLOCK_D covers d / 2), and the rotated k is what is stored."""
-    pdl_start(PDL)
+    rotated first (_rope_kernel's math; BLOCK_D covers d / 2), and the rotated k is what is stored.
+    The slot and the angles are step inputs that no PDL kernel writes: read before the wait (kernels/pdl.py)."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
+    if ROPE:
+        cos, sin = _angles(cos_ptr + t * stride_ct, sin_ptr + t * stride_st, d // 2, BLOCK_D)
+    pdl_start(PDL)
     dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
     h = tl.arange(0, BLOCK_H)[:, None]
     c = tl.arange(0, BLOCK_DS)[None, :]
     stored = (h < hkv) & (c < d_stored)
     given = stored & (c < d)
     if ROPE:
-        cos, sin = _angles(cos_ptr + t * stride_ct, sin_ptr + t * stride_st, d // 2, BLOCK_D)
         _rotate(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, hq, d // 2, stride_qh, stride_qoh, cos, sin,
                 INTERLEAVED, BLOCK_H, BLOCK_D)
         _rotate(k_ptr + t * stride_kt, kc_ptr + dst, hkv, d // 2, stride_kh, stride_ch, cos, sin,

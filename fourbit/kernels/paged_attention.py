@@ -31,6 +31,8 @@ Kernel `_paged_attention_kernel`, one program per (tile of BLOCK_Q query tokens 
   of splits depends only on host-known sizes (S, Hkv, the block-table width), so a captured graph stays valid;
   the shares are computed in the kernel from seq_lens, in whole key tiles: a short context in a wide block table
   uses as many splits as it has tiles, and the splits past it only mark themselves empty for the combine.
+- With PDL (kernels/pdl.py) a program reads its metadata and asks L2 for its first key tile's cached rows (those
+  of earlier steps) before it waits for the previous kernel, which writes this step's rows.
 """
 from __future__ import annotations
 
@@ -95,6 +97,25 @@ def _attend(acc, m_i, l_i, q, k_cache, v_cache, bt_row, kv_head_off, stride_kb, 
 
 
 @triton.jit
+def _prefetch_kv(k_cache, v_cache, bt_row, kv_head_off, stride_kb, stride_kt, lo, end,
+                 BLOCK_SIZE: tl.constexpr, N: tl.constexpr, D: tl.constexpr):
+    """Ask L2 for the K and V lines of keys lo .. min(lo + N, end) - 1 (a hint: nothing comes back, no thread
+    waits), so that the loads after the previous kernel's end find them there."""
+    LINE: tl.constexpr = 128 // (k_cache.dtype.element_ty.primitive_bitwidth // 8)  # elements per 128-byte line
+    NL: tl.constexpr = (D + LINE - 1) // LINE
+    kpos = lo + tl.arange(0, N)
+    ok = kpos < end
+    blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0)
+    off = blk.to(tl.int64) * stride_kb + kv_head_off + (kpos % BLOCK_SIZE) * stride_kt
+    off = off[:, None] + (tl.arange(0, NL) * LINE)[None, :]
+    flag = tl.broadcast_to(ok[:, None], (N, NL)).to(tl.int32)
+    for cache in tl.static_range(2):
+        base = k_cache if cache == 0 else v_cache
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                                  "=r,l,r", [base + off, flag], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _find_seq(query_start, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """The last sequence s whose first slot query_start[s] // BLOCK_Q + s is <= pid (binary search)."""
     lo = 0
@@ -119,26 +140,25 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DECODE: tl.constexpr,
                             SPLIT: tl.constexpr, WINDOW: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
     BLOCK_M: tl.constexpr = BLOCK_Q * GP
     kv_head = tl.program_id(0)
+    # Before the previous kernel is waited for, only what no kernel of this step writes is read: the host-made
+    # metadata and the cached keys and values of earlier steps (positions < ctx; L2 prefetches only).
     if DECODE:
         seq = tl.program_id(1)
         q_begin = tl.load(query_start + seq)
         q_len = tl.load(query_start + seq + 1) - q_begin
         seq_len = tl.load(seq_lens + seq)  # in flight with the two above: a decode program is a short latency chain
         j0 = 0
-        if q_len == 0:
-            return
+        idle = q_len == 0
     else:
         seq = _find_seq(query_start, tl.program_id(1), num_seqs, BLOCK_Q)
         q_begin = tl.load(query_start + seq)
         q_len = tl.load(query_start + seq + 1) - q_begin
         i = tl.program_id(1) - q_begin // BLOCK_Q - seq  # this sequence's i-th slot
         n_tiles = tl.cdiv(q_len, BLOCK_Q)
-        if i >= n_tiles:  # a slot past this sequence's tiles (or a sequence with no new tokens)
-            return
-        j0 = (n_tiles - 1 - i) * BLOCK_Q  # last tile first: the longest key ranges start early (less tail)
+        idle = i >= n_tiles  # a slot past this sequence's tiles (or a sequence with no new tokens)
+        j0 = tl.maximum(n_tiles - 1 - i, 0) * BLOCK_Q  # last tile first: the longest key ranges start early
         seq_len = tl.load(seq_lens + seq)
     ctx = seq_len - q_len  # tokens cached before this step's
 
@@ -161,6 +181,14 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
         lo = lo + tl.program_id(2) * chunk
         hi = tl.minimum(hi, lo + chunk)
     hi = tl.maximum(hi, lo)  # an empty range: a split past the context, or seq_len 0 (ctx = -q_len)
+    bt_row = block_tables + seq.to(tl.int64) * stride_bt
+    kv_head_off = kv_head.to(tl.int64) * stride_kh
+    if PDL:  # the first key tile's cached rows (not this step's: the previous kernel writes those) toward L2
+        _prefetch_kv(k_cache, v_cache, bt_row, kv_head_off, stride_kb, stride_kt, lo,
+                     tl.where(idle, lo, tl.minimum(hi, ctx)), BLOCK_SIZE, BLOCK_N, D)
+    pdl_start(PDL)
+    if idle:
+        return
     head = kv_head * G + g
     if SPLIT:
         part = (seq * (tl.num_programs(0) * G) + head) * tl.num_programs(2) + tl.program_id(2)  # (BLOCK_M,)
@@ -178,8 +206,6 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, que
 
     q_off = (q_begin + j).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    bt_row = block_tables + seq.to(tl.int64) * stride_bt
-    kv_head_off = kv_head.to(tl.int64) * stride_kh
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)

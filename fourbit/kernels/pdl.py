@@ -8,7 +8,9 @@ Which kernels: the fused elementwise kernels, paged attention and its combine st
 
 The rule every PDL kernel keeps: `griddepcontrol.wait` (the previous kernel has finished and its writes are
 visible) comes before any read of an activation and before any write, and every program executes it, so a
-finished kernel implies that all earlier ones have finished. Then it lets the next kernel launch
+finished kernel implies that all earlier ones have finished. Before it a kernel reads only what no PDL kernel
+writes: weights, the step's metadata and RoPE angles (made by the host and by torch before the layers), and the
+KV-cache rows of earlier steps (paged attention asks L2 for them). Then it lets the next kernel launch
 (`griddepcontrol.launch_dependents`): the small kernels right after the wait, the GEMM after its K loop. So at
 most one kernel waits ahead, never a chain of them. FOURBIT_PDL=0 turns PDL off.
 """
