@@ -59,6 +59,17 @@ class AttnConfig(NamedTuple):
 
 
 @triton.jit
+def _key_rows(bt_row, kpos, ok, kv_head_off, stride_kb, stride_kt, BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr):
+    """Offsets in k_cache / v_cache of the keys at positions kpos, each through its block-table entry (read only
+    where ok with MASK)."""
+    if MASK:
+        blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0)
+    else:
+        blk = tl.load(bt_row + kpos // BLOCK_SIZE)
+    return blk.to(tl.int64) * stride_kb + kv_head_off + (kpos % BLOCK_SIZE) * stride_kt
+
+
+@triton.jit
 def _attend(acc, m_i, l_i, q, k_cache, v_cache, bt_row, kv_head_off, stride_kb, stride_kt, scale_log2e,
             n_start, n_end, q_pos, hi, window, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
             D: tl.constexpr, MASK: tl.constexpr, WINDOW: tl.constexpr):
@@ -68,12 +79,8 @@ def _attend(acc, m_i, l_i, q, k_cache, v_cache, bt_row, kv_head_off, stride_kb, 
     offs_d = tl.arange(0, D)
     for n0 in range(n_start, n_end, BLOCK_N):
         kpos = n0 + offs_n  # (BLOCK_N,) absolute key positions
-        if MASK:
-            in_seq = kpos < hi
-            blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=in_seq, other=0)
-        else:
-            blk = tl.load(bt_row + kpos // BLOCK_SIZE)
-        off = blk.to(tl.int64) * stride_kb + kv_head_off + (kpos % BLOCK_SIZE) * stride_kt  # (BLOCK_N,)
+        in_seq = kpos < hi  # (the masks only)
+        off = _key_rows(bt_row, kpos, in_seq, kv_head_off, stride_kb, stride_kt, BLOCK_SIZE, MASK)  # (BLOCK_N,)
         ptrs = off[:, None] + offs_d[None, :]  # (BLOCK_N, D)
         if MASK:
             k = tl.load(k_cache + ptrs, mask=in_seq[:, None], other=0.0)
@@ -105,8 +112,7 @@ def _prefetch_kv(k_cache, v_cache, bt_row, kv_head_off, stride_kb, stride_kt, lo
     NL: tl.constexpr = (D + LINE - 1) // LINE
     kpos = lo + tl.arange(0, N)
     ok = kpos < end
-    blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0)
-    off = blk.to(tl.int64) * stride_kb + kv_head_off + (kpos % BLOCK_SIZE) * stride_kt
+    off = _key_rows(bt_row, kpos, ok, kv_head_off, stride_kb, stride_kt, BLOCK_SIZE, True)
     off = off[:, None] + (tl.arange(0, NL) * LINE)[None, :]
     flag = tl.broadcast_to(ok[:, None], (N, NL)).to(tl.int32)
     for cache in tl.static_range(2):
