@@ -28,14 +28,15 @@ def _kernel(module: str, name: str):
 
 @torch.library.custom_op("fourbit::w4a16_gemm", mutates_args=())
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-               group_size: int, n: int, k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias); see kernels/ref.py for the math and formats/quick.py for W."""
-    return _impl("w4a16_gemm", "w4a16_gemm", x)(x, qweight, scales, zeros, group_size, n, k, bias)
+               group_size: int, n: int, k: int, bias: Optional[torch.Tensor] = None, glu: bool = False) -> torch.Tensor:
+    """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias); see kernels/ref.py for the math and formats/quick.py for W.
+    glu: W is a gated layer's (nn/fuse.py) and the result silu(gate) · up (M, n / 2)."""
+    return _impl("w4a16_gemm", "w4a16_gemm", x)(x, qweight, scales, zeros, group_size, n, k, bias, glu=glu)
 
 
 @w4a16_gemm.register_fake
-def _(x, qweight, scales, zeros, group_size, n, k, bias=None):
-    return x.new_empty((x.shape[0], n))
+def _(x, qweight, scales, zeros, group_size, n, k, bias=None, glu=False):
+    return x.new_empty((x.shape[0], n // 2 if glu else n))
 
 
 @torch.library.custom_op("fourbit::paged_attention", mutates_args=())

@@ -13,7 +13,7 @@ from fourbit.config import ModelConfig, W4A16Config
 from fourbit.formats.uint4 import group_length
 from fourbit.nn.linear import W4A16Linear
 from fourbit.quantize.awq import apply_scale, fake_quant, llama_groups, search_clip
-from fourbit.quantize.calib import capture_block_inputs
+from fourbit.quantize.calib import block_outputs, capture_block_inputs
 
 from test_gptq import TINY, tiny_llama
 
@@ -67,8 +67,8 @@ def _block_output_mse(model, quantized, tokens) -> float:
     """MSE of block 0's output, quantized vs float, on the calibration tokens (both see the same inputs)."""
     inputs = capture_block_inputs(model, tokens)
     with torch.no_grad():
-        ref = torch.cat(inputs.run(model.layers[0], keep=True))
-        got = torch.cat(inputs.run(quantized.layers[0], keep=True))
+        ref = torch.cat(block_outputs(inputs.run(model.layers[0], keep=True)))
+        got = torch.cat(block_outputs(inputs.run(quantized.layers[0], keep=True)))
     return float((got - ref).pow(2).mean())
 
 

@@ -16,10 +16,12 @@ from fourbit import ops
 from fourbit.config import EngineConfig, SamplingParams, W4A16Config
 from fourbit.engine.llm import LLM
 from fourbit.errors import FourbitError
+from fourbit.formats.quick import unpack_quick
 from fourbit.formats.uint4 import quantize_groups
 from fourbit.kernels import fused, ref
 from fourbit.models.generate import generate
 from fourbit.nn import W4A16Linear, fuse_projections_
+from fourbit.nn.fuse import W4A16GatedLinear
 from fourbit.nn.linear import SCALE_DTYPE
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -291,6 +293,64 @@ def test_fused_w4a16_shared_permutation_is_exact():
     assert torch.equal(_fused_equals_separate(parts).qkv_proj.perm, perm)
 
 
+class _GatedHolder(nn.Module):
+    """A module that declares a gated fusion, as models/llama.MLP does."""
+    FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}
+    GATED = {"gate_up_proj"}
+
+    def __init__(self, parts):
+        super().__init__()
+        self.gate_proj, self.up_proj = parts
+
+
+@pytest.mark.parametrize("group_size,sym,bias,perm", [(32, False, False, False), (64, True, True, False),
+                                                      (-1, False, True, True)])
+def test_gated_w4a16_is_exact(group_size, sym, bias, perm):
+    """gate and up fused as one layer returning silu(gate) · up: through the torch reference path (CPU), exactly
+    the separate layers' outputs through silu_mul, in float32 and bfloat16; 40 rows do not fill a 16-row tile
+    but do fill the 8-row halves the gated layout pairs."""
+    gen = _gen("gated", group_size, sym, bias)
+    p = torch.randperm(200, generator=gen).int() if perm else False
+    parts = [_w4a16(40, 200, group_size, sym, bias, gen, p) for _ in range(2)]
+    holder = fuse_projections_(_GatedHolder(parts))
+    fused_layer = holder.gate_up_proj
+    assert set(holder._modules) == {"gate_up_proj"} and type(fused_layer) is W4A16GatedLinear
+    assert fused_layer.qweight.shape == (5, 512) and fused_layer.scales.shape[1] == 80
+    blocks = unpack_quick(fused_layer.qweight, 80, 200).view(5, 2, 8, 200)  # 8 gate rows, then their 8 up rows
+    for half, part in enumerate(parts):
+        assert torch.equal(blocks[:, half], unpack_quick(part.qweight, 40, 200).view(5, 8, 200))
+        assert torch.equal(fused_layer.scales.view(-1, 5, 2, 8)[:, :, half], part.scales.view(-1, 5, 8))
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (1, 7, 33):
+            x = torch.randn(2, m, 200, generator=_gen("gated-x", m)).to(dtype)
+            with torch.inference_mode():
+                want = ops.silu_mul(parts[0](x), parts[1](x))
+                got = fused_layer(x)
+            assert got.shape == (2, m, 40) and torch.equal(got, want)
+
+
+def test_ungateable_pairs_stay_plain():
+    """Gated fusion needs two W4A16 parts of one size in whole 8-row blocks; otherwise plain stacking (or none)."""
+    gen = _gen("ungated")
+    unequal = fuse_projections_(_GatedHolder([_w4a16(n, 128, 32, False, False, gen) for n in (32, 48)]))
+    assert type(unequal.gate_up_proj) is W4A16Linear
+    odd = fuse_projections_(_GatedHolder([_w4a16(36, 128, 32, False, False, gen) for _ in range(2)]))
+    assert set(odd._modules) == {"gate_proj", "up_proj"}
+    floats = fuse_projections_(_GatedHolder([nn.Linear(128, 48) for _ in range(2)]))
+    assert type(floats.gate_up_proj) is nn.Linear
+
+
+def test_gated_model_same_logits():
+    """A W4A16 model whose MLP hidden size fills 8-row blocks (96): its fused model, with gate/up gated, gives the
+    same logits, prefill and cached decode."""
+    from test_gptq import tiny_llama
+
+    model = fourbit.quantize_(tiny_llama(3), W4A16Config(group_size=32), progress=False)
+    fused_model = fuse_projections_(copy.deepcopy(model))
+    assert all(type(b.mlp.gate_up_proj) is W4A16GatedLinear for b in fused_model.layers)
+    _assert_same_logits(model, fused_model, torch.randint(0, 96, (3, 20), generator=_gen("gated-tokens")))
+
+
 class _OtherLinear(nn.Linear):
     """Stands for a Linear type fusion does not know (another quantized layer)."""
 
@@ -322,20 +382,25 @@ def stories(realdata):
     return fourbit.load(realdata / "stories260K.bin", torch.float32, "cpu")
 
 
+def _assert_same_logits(model, fused_model, tokens):
+    """Bit-equal logits: a prefill without cache, then one cached decode step after a cached prefill."""
+    b, t = tokens.shape
+    with torch.inference_mode():
+        assert torch.equal(fused_model(tokens), model(tokens))
+        caches = [m.new_cache(b, t + 3) for m in (model, fused_model)]
+        for m, cache in zip((model, fused_model), caches):
+            m(tokens, cache)
+        step = [m(tokens[:, :1], cache, start=t) for m, cache in zip((model, fused_model), caches)]
+        assert torch.equal(step[0], step[1])
+
+
 def test_fused_model_same_logits(stories, realdata):
     """stories260K in float32 on the CPU: the same logits with fused projections, prefill and cached decode; after
     W4A16 quantization too (q/k/v fuse; gate/up of 172 rows do not fill 16-row tiles and stay separate)."""
     tokens = torch.randint(0, 512, (3, 37), generator=_gen("tokens"))
     w4 = fourbit.quantize_(copy.deepcopy(stories), W4A16Config(group_size=32), progress=False)
     for model in (stories, w4):
-        fused_model = fuse_projections_(copy.deepcopy(model))
-        with torch.inference_mode():
-            assert torch.equal(fused_model(tokens), model(tokens))
-            caches = [m.new_cache(3, 40) for m in (model, fused_model)]
-            for m, cache in zip((model, fused_model), caches):
-                m(tokens, cache)
-            step = [m(tokens[:, :1], cache, start=37) for m, cache in zip((model, fused_model), caches)]
-            assert torch.equal(step[0], step[1])
+        _assert_same_logits(model, fuse_projections_(copy.deepcopy(model)), tokens)
     block = fuse_projections_(w4).layers[0]
     assert "qkv_proj" in block.self_attn._modules and "gate_proj" in block.mlp._modules
 

@@ -46,47 +46,65 @@ _KERNEL_CONFIGS = [  # (kind, BLOCK_M, R, warps, split K, post-scale, X in smem,
 ]
 
 
+def _w4a16_layer(n, k, bias=True):
+    codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 64, False, SCALE_DTYPE)
+    return W4A16Linear.from_codes(codes, scales, zeros, 64, k, torch.randn(n, device="cuda") if bias else None)
+
+
 @pytest.mark.parametrize("cfg", _KERNEL_CONFIGS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [5, 300])
-def test_w4a16_kernel_configs_on_cuda(cfg, dtype, m):
-    """Every kernel configuration (not only the one chosen by M), over an output buffer that the caching
-    allocator hands back still holding NaNs: every element must be written, and right."""
+@pytest.mark.parametrize("glu", [False, True], ids=["plain", "gated"])
+def test_w4a16_kernel_configs_on_cuda(cfg, dtype, m, glu):
+    """Every kernel configuration (not only the one chosen by M), plain and gated (nn/fuse.py: silu(gate) · up in
+    the epilogue), over an output buffer that the caching allocator hands back still holding NaNs: every element
+    must be written, and right."""
+    from fourbit.kernels.ref import silu_mul_ref
     from fourbit.kernels.w4a16_gemm import w4a16_gemm
+    from fourbit.nn.fuse import _gate_w4a16
 
-    torch.manual_seed(1000 * _KERNEL_CONFIGS.index(cfg) + m)
-    n, k = (1008, 1040) if cfg[0] in ("ring", "ws") else (1000, 1100)  # these two want multiples of 16
-    codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 64, False, SCALE_DTYPE)
-    layer = W4A16Linear.from_codes(codes, scales, zeros, 64, k, torch.randn(n, device="cuda"))
+    torch.manual_seed(1000 * _KERNEL_CONFIGS.index(cfg) + m + glu)
+    # ring and ws want multiples of 16, as does a gated layer (two parts of 504 channels)
+    n, k = (1008, 1040) if cfg[0] in ("ring", "ws") or glu else (1000, 1100)
+    parts = [_w4a16_layer(n // 2, k, bias=False) for _ in range(2)] if glu else [_w4a16_layer(n, k)]
+    layer = _gate_w4a16(parts) if glu else parts[0]
     x = torch.randn(m, k, device="cuda", dtype=dtype)
+    refs = [x.double() @ p.dequantize().double().t() + (0 if p.bias is None else p.bias.double()) for p in parts]
+    ref = silu_mul_ref(*refs) if glu else refs[0]
     for _ in range(2):  # the second call reuses the split-K workspace the first one zeroed again
-        torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # freed at once: the output's future block
-        y = w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, 64, n, k, layer.bias, config=cfg)
-        ref = x.double() @ layer.dequantize().double().t() + layer.bias.double()
-        assert torch.isfinite(y).all()
+        torch.full(ref.shape, float("nan"), device="cuda", dtype=dtype)  # freed at once: the output's future block
+        y = w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, 64, n, k, layer.bias, config=cfg, glu=glu)
+        assert y.shape == ref.shape and torch.isfinite(y).all()
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
 @pytest.mark.parametrize("m", [129, 144, 257, 300, 320])
-def test_w4a16_row_parts_on_cuda(m):
+@pytest.mark.parametrize("glu", [False, True], ids=["plain", "gated"])
+def test_w4a16_row_parts_on_cuda(m, glu):
     """Just past 128 or 256 rows a large layer runs as two launches on Hopper (the first 128 / 256 rows, then the
-    rest) writing disjoint rows of one output: every row written, and right, with bias and split-K workspaces reused."""
+    rest) writing disjoint rows of one output: every row written, and right, with bias and split-K workspaces
+    reused; also for a gated layer (silu(gate) · up, nn/fuse.py)."""
+    from fourbit.kernels.ref import silu_mul_ref
     from fourbit.kernels.w4a16_gemm import _row_parts, kernel_for, w4a16_gemm
+    from fourbit.nn.fuse import _gate_w4a16
 
     n, k = 20480, 4112  # N >= 12288, N·K >= 80·2^20; K not a multiple of 128
     assert len(_row_parts(m, n, -(-k // 128), True)) == 2
     hopper = torch.cuda.get_device_capability()[0] == 9  # elsewhere one launch: the same checks apply
     assert ("+" in kernel_for(torch.device("cuda"), m, n, k)) == hopper
     torch.manual_seed(m)
-    codes, scales, zeros = quantize_groups(torch.randn(n, k, device="cuda"), 128, False, SCALE_DTYPE)
-    layer = W4A16Linear.from_codes(codes, scales, zeros, 128, k, torch.randn(n, device="cuda"))
-    ref_w = layer.dequantize().double().t()
+    parts = []
+    for _ in range(2 if glu else 1):  # gated: gate and up of n / 2 channels each
+        codes, scales, zeros = quantize_groups(torch.randn(n // (1 + glu), k, device="cuda"), 128, False, SCALE_DTYPE)
+        parts.append(W4A16Linear.from_codes(codes, scales, zeros, 128, k, torch.randn(n // (1 + glu), device="cuda")))
+    layer = _gate_w4a16(parts) if glu else parts[0]
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        torch.full((m, n), float("nan"), device="cuda", dtype=dtype)  # freed at once: the output's future block
-        y = w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, 128, n, k, layer.bias)
-        ref = x.double() @ ref_w + layer.bias.double()
-        assert torch.isfinite(y).all()
+        refs = [x.double() @ p.dequantize().double().t() + p.bias.double() for p in parts]
+        ref = silu_mul_ref(*refs) if glu else refs[0]
+        torch.full(ref.shape, float("nan"), device="cuda", dtype=dtype)  # freed at once: the output's future block
+        y = w4a16_gemm(x, layer.qweight, layer.scales, layer.zeros, 128, n, k, layer.bias, glu=glu)
+        assert y.shape == ref.shape and torch.isfinite(y).all()
         base = 128 if m <= 144 else 256
         for rows in (slice(0, base), slice(base, m)):
             assert float((y[rows].double() - ref[rows]).norm() / ref[rows].norm()) < 1e-2

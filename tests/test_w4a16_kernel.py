@@ -43,6 +43,29 @@ def test_kernel_matches_reference(dtype, group_size, sym, m, n, k):
     assert err < (2e-3 if dtype == torch.float16 else 1e-2), err
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_size,sym,bias", [(32, False, True), (128, True, False), (-1, False, False)])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 172), (7, 16, 300), (33, 72, 1000)])
+def test_gated_kernel_matches_reference(dtype, group_size, sym, bias, m, n, k):
+    """A gated layer's GEMM (nn/fuse.py: gate and up rows alternating in 8-row blocks) -> silu(gate) · up, against
+    the two separate layers' references through silu_mul."""
+    from fourbit.kernels.ref import silu_mul_ref
+    from fourbit.nn.fuse import _gate_w4a16
+
+    gen = torch.Generator().manual_seed(hash(("gated", group_size, sym, m, n, k)) % 2**31)
+    parts = [_layer(n, k, group_size, sym, bias, gen) for _ in range(2)]
+    gated = _gate_w4a16(parts)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    y = w4a16_gemm(x, gated.qweight, gated.scales, gated.zeros, group_size, 2 * n, k,
+                   None if gated.bias is None else gated.bias.to(dtype), glu=True)
+    gate, up = (w4a16_gemm_ref(x.double(), p.qweight, p.scales, p.zeros, group_size, n, k,
+                               None if p.bias is None else p.bias.double()) for p in parts)
+    ref = silu_mul_ref(gate, up)
+    assert y.dtype == dtype and y.shape == (m, n)
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert err < (2e-3 if dtype == torch.float16 else 1e-2), err
+
+
 # ---- what the GPU kernels compile to (offline sm_90 compile: runs on any machine, no GPU) -------------------
 
 _COMPILE = """
@@ -92,6 +115,11 @@ _CASES["ws-fp16-g32-bias"] = ("_w4a16_ws_kernel", "fp16", dict(GS=32, SYM=True, 
 _CASES.update({f"occupancy-{bm}-{r}-{atomic}": ("_w4a16_wgmma_kernel", "bf16", dict(
     GS=128, SYM=False, HAS_BIAS=False, ATOMIC=atomic, BLOCK_M=bm, R=r, NUM_WARPS=4, STAGES=2))
     for bm, r in WGMMA_CTAS_PER_SM for atomic in (False, True)})
+
+# gated epilogues (silu(gate) · up, nn/fuse.py), each beside its plain twin above
+_CASES.update({f"{name}-glu": (_CASES[name][0], _CASES[name][1], dict(_CASES[name][2], GLU=True)) for name in (
+    "mma-bf16-g128", "ring-bf16-g128-split-pdl", "ring-fp16-g32", "wgmma-bf16-g128", "wgmma-bf16-g128-bn64-split",
+    "ws-bf16-g128-64-1-True")})
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +237,23 @@ def test_ws_occupancy_matches_the_compile(compiled, bm, r):
     regs = max(k["regs"] for k in runs)
     smem = max(k["smem"] + k["shared"] for k in runs)
     assert min(65536 // (regs * 8 * 32), 228 * 1024 // (smem + 1024)) == _ws_ctas_per_sm(bm, r), (regs, smem)
+
+
+@pytest.mark.parametrize("case", [c for c in _CASES if c.endswith("-glu")])
+def test_gated_epilogue_pairs_gate_and_up_in_registers(compiled, case):
+    # A gated layer's rows alternate in 8-row blocks of gate and up channels, the rows g and g + 8 one thread holds
+    # in the mma / wgmma accumulators (16 consecutive rows in the wgmma epilogue's re-layout), so silu(gate) · up
+    # needs no data exchange: against the plain twin, no shuffle or shared memory more, fewer global stores (half
+    # the outputs), and the sigmoid's exponential and reciprocal (MUFU) in.
+    plain, gated = compiled[case.removesuffix("-glu")], compiled[case]
+
+    def count(k, prefix):
+        return sum(n for op, n in k["ops"].items() if op.startswith(prefix))
+
+    assert gated["stack"] == 0 and (gated["shared"], gated["smem"]) == (plain["shared"], plain["smem"])
+    assert count(gated, "SHFL") == count(plain, "SHFL") and count(gated, "STS") == count(plain, "STS")
+    assert count(gated, "STG") < count(plain, "STG")
+    assert count(gated, "MUFU.EX2") > 0 and count(plain, "MUFU") == 0
 
 
 def test_row_parts_only_for_large_layers_just_past_128_or_256_rows_on_hopper():

@@ -69,6 +69,7 @@ class Runner:
         before = torch.cuda.memory_allocated(self.device)
         self._profile_step()
         step_bytes = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()  # blocks torch holds but no tensor uses (loading, fusing, this step) count as free
         free, total = torch.cuda.mem_get_info(self.device)
         graphs = 0.5 * 2**30 if c.cuda_graphs else 0  # captured graphs' own pool (measured ~0.3 GB for 7B)
         budget = free * c.kv_cache_fraction - 1.2 * step_bytes - graphs

@@ -19,15 +19,22 @@ def w4a16_dequant_ref(qweight, scales, zeros, group_size: int, n: int, k: int) -
     return (q - z) * s
 
 
-def w4a16_gemm_ref(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None) -> torch.Tensor:
+def w4a16_gemm_ref(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None,
+                   glu: bool = False) -> torch.Tensor:
     """Y = X · dequant(W)ᵀ (+ bias). x (M, k) -> (M, n) in x's dtype.
 
     The dequantized weight is rounded once to x's dtype and the product accumulates as torch's matmul does
     for that dtype (float32 accumulation for fp16/bf16), which is what the GPU kernel computes.
+    glu: W is a gated layer's (nn/fuse.py: in every 16 rows 8 gate channels, then their 8 up channels) ->
+    silu_mul(gate, up) (M, n / 2).
     """
     w = w4a16_dequant_ref(qweight, scales, zeros, group_size, n, k).to(x.dtype)
     y = x @ w.t()
-    return y if bias is None else y + bias.to(x.dtype)
+    y = y if bias is None else y + bias.to(x.dtype)
+    if not glu:
+        return y
+    pairs = y.view(y.shape[0], n // 16, 2, 8)
+    return silu_mul_ref(pairs[:, :, 0], pairs[:, :, 1]).view(y.shape[0], n // 2)
 
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len: int,

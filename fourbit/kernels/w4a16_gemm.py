@@ -7,7 +7,8 @@ Kernels by M (the stored format is the same for all): `_w4a16_ring_kernel` for M
 multiples of 16, `_w4a16_mma_kernel` for M <= 8 otherwise and for every M on sm_80/sm_89, `_w4a16_ws_kernel`
 for 16 < M <= 64 (and up to 256 where K <= 4096 is too short to split well) and `_w4a16_wgmma_kernel` for the
 rest on Hopper. On large layers an M just past 128 or 256 runs as two launches, the first 128 / 256 rows and the
-rest (_row_parts).
+rest (_row_parts). Every Gluon kernel also has a gated form (GLU, for nn/fuse.W4A16GatedLinear): its epilogue
+writes silu(gate) · up of the weight's alternating 8-row blocks, N / 2 columns (_glu).
 
 `_w4a16_mma_kernel` (Gluon) computes Yᵀ = W·Xᵀ with mma.m16n8k16, the weight as the A operand, so a decode batch
 fills the instruction's n = 8 instead of wasting 15/16 of m = 16:
@@ -66,6 +67,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..errors import FourbitError
 from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE
 from . import capability, sm_count
+from .fused import silu_mul
 from .pdl import pdl_args
 
 
@@ -186,9 +188,38 @@ def _k_range(KT, TILES_PER_SPLIT):
 
 
 @gluon.jit
+def _glu(y, dtype: gl.constexpr):
+    """y (BN, BLOCK_M) fp32, Yᵀ's tile of a gated layer -> silu(gate) · up (BN / 2, BLOCK_M) fp32. In each 16-row
+    block the first 8 rows are gate channels and the next 8 their up channels (nn/fuse.py), the rows g and g + 8
+    that one thread holds in the mma and wgmma accumulators (or 16 consecutive rows, _store_acc's layout), so
+    the pairing moves no data. Gate and up are rounded to `dtype` first, as a separate GEMM would have stored
+    them, and the formula is _silu_mul_kernel's: the fused result is the unfused one."""
+    BN: gl.constexpr = y.shape[0]
+    BLOCK_M: gl.constexpr = y.shape[1]
+    y = y.to(dtype).to(gl.float32)
+    gate, up = gl.split(gl.permute(gl.reshape(y, [BN // 16, 2, 8, BLOCK_M]), [0, 2, 3, 1]))
+    return gl.reshape(gate / (1.0 + gl.exp(-gate)) * up, [BN // 2, BLOCK_M])
+
+
+@gluon.jit
+def _store_y(y, M, N, out_ptr, GLU: gl.constexpr):
+    """y (BN, BLOCK_M) fp32, the finished tile of Yᵀ at program (pid_n, pid_m) -> Y (M, N) in its dtype; with GLU
+    silu(gate) · up of its row pairs (_glu) -> Y (M, N / 2)."""
+    if GLU:
+        y = _glu(y, out_ptr.dtype.element_ty)
+        N = N // 2
+    BN: gl.constexpr = y.shape[0]
+    BLOCK_M: gl.constexpr = y.shape[1]
+    rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, y.type.layout))
+    cols = gl.program_id(1) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, y.type.layout))
+    mask = (rows < N)[:, None] & (cols < M)[None, :]
+    gl.store(out_ptr + cols[None, :] * N + rows[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
 def _write_out(acc, rows, rows_ok, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr,
-               HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr):
-    """acc (BN, BLOCK_M) fp32 = Yᵀ's tile -> Y, bias added once (by the first K split).
+               HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, GLU: gl.constexpr = False):
+    """acc (BN, BLOCK_M) fp32 = Yᵀ's tile -> Y, bias added once (by the first K split); GLU: _store_y.
 
     With ATOMIC (split K) the call stays one launch: every split adds its part into an fp32 workspace that is
     all zeros between calls; the split that arrives last (a counter per output tile) writes Y and re-zeroes both.
@@ -207,11 +238,11 @@ def _write_out(acc, rows, rows_ok, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr,
         arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == gl.num_programs(2) - 1:
             total = gl.load(ws_ptr + out_off, mask=out_mask, other=0.0, cache_modifier=".cg")  # from L2
-            gl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=out_mask)
             gl.store(ws_ptr + out_off, gl.zeros_like(total), mask=out_mask)
             gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")
+            _store_y(total, M, N, out_ptr, GLU)
     else:
-        gl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store_y(acc, M, N, out_ptr, GLU)
 
 
 @gluon.jit
@@ -219,7 +250,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
                       ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
                       POST_SCALE: gl.constexpr, X_SMEM: gl.constexpr, EVEN_K: gl.constexpr,
                       BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr,
-                      ROUND_TRIP: gl.constexpr = False):
+                      ROUND_TRIP: gl.constexpr = False, GLU: gl.constexpr = False):
     BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
     RB: gl.constexpr = R * NUM_WARPS  # 16-row blocks per program, R per warp
     BN: gl.constexpr = 16 * RB
@@ -321,7 +352,7 @@ def _w4a16_mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
     if PER_CHANNEL and POST_SCALE:
         acc *= gl.load(s_ptr + acc_rows, mask=acc_rows_ok, other=0).to(gl.float32)[:, None]
     _write_out(acc, acc_rows, acc_rows_ok, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS,
-               ATOMIC, BLOCK_M)
+               ATOMIC, BLOCK_M, GLU)
 
 
 @gluon.jit
@@ -361,7 +392,7 @@ def _ring_x(stage, kt, kt1, K, x_ptr, x_off, x_ok, xk, x_ring):
 def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
                        ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr,
                        ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr,
-                       STAGES: gl.constexpr, PDL: gl.constexpr = False):
+                       STAGES: gl.constexpr, PDL: gl.constexpr = False, GLU: gl.constexpr = False):
     """Small M (BLOCK_M 8 or 16): the mma kernel's math, with every global read of a tile (packed weights, X, group
     parameters) issued STAGES - 1 tiles ahead by cp.async into a shared-memory ring, so the loop body waits on
     nothing but shared memory and the registers hold one tile. Each lane copies and then reads back its own
@@ -447,7 +478,7 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
 
     acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC,
-               BLOCK_M)
+               BLOCK_M, GLU)
 
 
 @gluon.jit
@@ -500,21 +531,26 @@ def _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ptr, 
 
 @gluon.jit
 def _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
-               BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr):
+               BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr, GLU: gl.constexpr):
     """The wgmma accumulator (BN, BLOCK_M) -> Y. Y is contiguous along N (acc's rows): re-laid out with 8 rows per
-    thread, stores are 16 bytes wide and addresses cheap; the lanes of a warp span the tile's BN rows (a wider span
-    would hold every element twice)."""
+    thread (16 with GLU: a gate / up pair of 8-row halves, whose 8 results are stored), stores are 16 bytes wide
+    and addresses cheap; the lanes of a warp span the tile's BN rows (a wider span would hold every element
+    twice)."""
     BN: gl.constexpr = acc.shape[0]
-    ROW_LANES: gl.constexpr = min(32, BN // 8)
-    acc = gl.convert_layout(acc, gl.BlockedLayout([8, 1], [ROW_LANES, 32 // ROW_LANES], [1, NUM_WARPS], [0, 1]))
+    PER_THREAD: gl.constexpr = 16 if GLU else 8
+    ROW_LANES: gl.constexpr = min(32, BN // PER_THREAD)
+    acc = gl.convert_layout(acc, gl.BlockedLayout([PER_THREAD, 1], [ROW_LANES, 32 // ROW_LANES], [1, NUM_WARPS],
+                                                  [0, 1]))
     acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc.type.layout))
-    _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M)
+    _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M,
+               GLU)
 
 
 @gluon.jit
 def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
                         ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
-                        BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr):
+                        BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
+                        GLU: gl.constexpr = False):
     """M > 8 on Hopper: the same register A fragments fed to async wgmma (m64nBLOCK_Mk16, one warpgroup per
     64 rows), X (the B operand) streamed by TMA through a ring of STAGES shared-memory tiles so its loads overlap
     the tensor cores; scales applied in the dequant. The next slice's dequant overlaps the running wgmmas (up to
@@ -568,7 +604,7 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
     acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M, NUM_WARPS)
+    _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M, NUM_WARPS, GLU)
 
 
 @gluon.jit
@@ -659,7 +695,7 @@ def _ws_mma(x_smem, w_smem, s_ring, z_ring, xready, xempty, wready, wempty, N, K
 def _w4a16_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
                      ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr,
                      ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr,
-                     STAGES: gl.constexpr):
+                     STAGES: gl.constexpr, GLU: gl.constexpr = False):
     """Hopper, 16 < M <= 64 and short-K layers up to M = 256 (_config): the wgmma kernel's math, warp-specialized.
     Two one-warp loaders stream X and the packed weights (with the tile's group parameters) by TMA and cp.async,
     each into its own ring of STAGES stages (ready / empty mbarriers), while the NUM_WARPS consumer warps only wait
@@ -692,7 +728,7 @@ def _w4a16_ws_kernel(x_desc, w_desc, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, K
         (_ws_load_w, (w_desc, w_smem, s_ring, z_ring, wready, wempty, s_ptr, z_ptr, N, K, pid_n * RB, kt0, kt1, GS,
                       SYM)),
     ], [1, 1], [24, 24])
-    _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M, NUM_WARPS)
+    _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M, NUM_WARPS, GLU)
 
 
 @triton.jit
@@ -917,11 +953,17 @@ def kernel_for(device: torch.device, m: int, n: int, k: int) -> str:
     return " + ".join(f"_w4a16_{config[0]}_kernel" for _, _, config in plan)
 
 
-def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None):
+def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=None, config=None, glu=False):
     """Y (M, n) = X (M, k) · dequant(W)ᵀ (+ bias) on the GPU (or under TRITON_INTERPRET=1). See the module doc.
 
     config: a tuple as _config returns, to override the choice by M (for tuning); it then covers all of M.
+    glu: W is a gated layer's (nn/fuse.py: gate and up channels in alternate 8-row blocks, n a multiple of 16);
+    returns silu(gate) · up (M, n / 2), made in the Gluon kernels' epilogue (the portable kernel's caller applies
+    it to the full Y).
     """
+    if glu and n % 16:
+        raise FourbitError(f"a gated W4A16 GEMM pairs 8-row blocks of gate and up channels: n must be a multiple of "
+                           f"16, got {n}")
     m = x.shape[0]
     x = x.contiguous()
     k_tiles = qweight.shape[1] // WORDS_PER_TILE
@@ -937,12 +979,17 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
     plan = ((0, m, config), ) if config else _plan(m, n, k_tiles, sms, cap[0] == 9, aligned, gluon)
     # the Gluon kernels reduce K splits themselves (Y in x's dtype); the portable one (one launch) adds them in fp32
     fp32 = not gluon and _k_split(k_tiles, plan[0][2][4])[1] > 1
-    out = torch.zeros((m, n), device=x.device, dtype=torch.float32) if fp32 else x.new_empty((m, n))
+    out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if fp32
+           else x.new_empty((m, n // 2 if glu and gluon else n)))
     # row slices only where the plan has several launches (a view costs ~1-3 us of host time per call)
     parts = ((x, out, plan[0][2]), ) if len(plan) == 1 else ((x[a:b], out[a:b], cfg) for a, b, cfg in plan)
     for xs, outs, cfg in parts:
-        _launch(xs, qweight, scales, zeros, bias, outs, group_size, n, k, k_tiles, cfg, gluon)
-    return out.to(x.dtype) if fp32 else out
+        _launch(xs, qweight, scales, zeros, bias, outs, group_size, n, k, k_tiles, cfg, gluon, glu and gluon)
+    out = out.to(x.dtype) if fp32 else out
+    if glu and not gluon:
+        pairs = out.view(m, n // 16, 2, 8)
+        out = silu_mul(pairs[:, :, 0], pairs[:, :, 1]).view(m, n // 2)
+    return out
 
 
 @functools.cache  # on every call's launch path
@@ -978,9 +1025,10 @@ def _row_parts(m: int, n: int, k_tiles: int, hopper: bool) -> tuple:
 
 
 def _launch(x, qweight, scales, zeros, bias, out, group_size: int, n: int, k: int, k_tiles: int, config: tuple,
-            gluon: bool):
+            gluon: bool, glu: bool = False):
     """One launch of the kernel `config` names (without `gluon`: the portable _w4a16_dot_kernel, for the
-    interpreter, a pre-Ampere GPU or another Triton): out (x's rows, n) = x · dequant(W)ᵀ (+ bias)."""
+    interpreter, a pre-Ampere GPU or another Triton): out (x's rows, n) = x · dequant(W)ᵀ (+ bias), or with `glu`
+    (a Gluon kernel) its gated form (x's rows, n / 2)."""
     m = x.shape[0]
     kind, block_m, r, warps, split, post, smem, stages = config
     per_split, split = _k_split(k_tiles, split)
@@ -993,6 +1041,7 @@ def _launch(x, qweight, scales, zeros, bias, out, group_size: int, n: int, k: in
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
         _w4a16_dot_kernel[grid](*args, out, *sizes, gs, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **flags)
         return
+    flags["GLU"] = glu
     grid = (triton.cdiv(n, N_TILE * r * warps), triton.cdiv(m, block_m), split)
     ws, count = _split_workspace(x.device, m * n, grid[0] * grid[1]) if split > 1 else (out, out)
     if kind != "mma" and x.data_ptr() % 16:  # TMA and cp.async copy 16-byte aligned rows of X

@@ -91,6 +91,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}
+    GATED = {"gate_up_proj"}  # its output only feeds silu(gate) · up: nn.fuse_projections_ may fold that in
 
     def __init__(self, config: ModelConfig, make_linear: LinearFactory):
         super().__init__()
@@ -100,6 +101,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if "gate_up_proj" in self._modules:  # fused (nn/fuse.py): gate and up are the halves of one output
+            if getattr(self.gate_up_proj, "gated", False):  # ... or the layer returns silu(gate) · up itself
+                return self.down_proj(self.gate_up_proj(x))
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -114,10 +117,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config, make_linear)
 
-    def forward(self, x, cos, sin, interleaved, ctx, layer):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, interleaved, ctx, layer)
+    def forward(self, x, cos, sin, interleaved, ctx, layer, delta=None):
+        """The block on the residual stream x + delta (x alone when delta is None) -> (x', delta'): the stream
+        before the MLP's residual add and the MLP's output. Their sum is the block's output; the next block's
+        input norm (or the final norm) adds them in its own pass, so no decode step spends a kernel on the add."""
+        h, x = (self.input_layernorm(x), x) if delta is None else self.input_layernorm(delta, residual=x)
+        a = self.self_attn(h, cos, sin, interleaved, ctx, layer)
         h, x = self.post_attention_layernorm(a, residual=x)  # x + a and its norm in one pass
-        return x + self.mlp(h)
+        return x, self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -170,11 +177,14 @@ class LlamaModel(nn.Module):
 
     def _layers(self, h, cos, sin, ctx, rows=None, out=None):
         """The decoder blocks, final norm and classifier; logits of all positions, or of h[0, rows] (S,)."""
+        delta = None  # the last block's MLP output, not yet added to h (Block.forward)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, self.config.rope_interleaved, ctx, i)
-        if rows is not None:
-            h = h[0, rows]  # (S, dim): the classifier runs only where a token is sampled
-        h = self.norm(h)
+            args = (h, cos, sin, self.config.rope_interleaved, ctx, i)
+            # block 0 without the keyword: calibration captures that call and replays its arguments elsewhere
+            h, delta = layer(*args) if delta is None else layer(*args, delta=delta)
+        if rows is not None:  # (S, dim): the classifier runs only where a token is sampled
+            h, delta = h[0, rows], delta[0, rows]
+        h = self.norm(h) if delta is None else self.norm(delta, residual=h)[0]
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h, head)
         return logits.to(torch.promote_types(h.dtype, torch.float32)) if out is None else out.copy_(logits)

@@ -34,6 +34,8 @@ SCALE_DTYPE = torch.float16
 
 
 class W4A16Linear(nn.Module):
+    gated = False  # W4A16GatedLinear (nn/fuse.py): the output is silu(gate) · up of the stored rows' halves
+
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, sym: bool,
                  permuted: bool = False):
         super().__init__()
@@ -96,8 +98,8 @@ class W4A16Linear(nn.Module):
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)  # (M, K): column j = input channel perm[j]
         y = ops.w4a16_gemm(x2, self.qweight, self.scales, self.zeros, self.group_size, self.out_features,
-                           self.in_features, self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
+                           self.in_features, self.bias, self.gated)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

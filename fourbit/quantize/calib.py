@@ -125,6 +125,11 @@ class BlockInputs:
         return outs if keep else None
 
 
+def block_outputs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Whole block outputs from what models/llama.Block returns, (stream, MLP output) pairs: their sums."""
+    return [x + delta for x, delta in pairs]
+
+
 def capture_block_inputs(model, tokens: torch.Tensor, batch_size: int | None = None) -> BlockInputs:
     """Run the model's embedding (and whatever else precedes block 0) on tokens (N, L) in mini-batches."""
     n, length = tokens.shape
@@ -160,5 +165,5 @@ def quantize_blockwise(model, tokens: torch.Tensor, step: Callable, desc: str, b
         for i, block in enumerate(model.layers):
             step(f"layers.{i}", block, inputs, lambda text: bar.set_postfix_str(text, refresh=True))
             if i + 1 < len(model.layers):  # the last block's outputs are not needed
-                inputs = BlockInputs(inputs.run(block, keep=True), inputs.rest)
+                inputs = BlockInputs(block_outputs(inputs.run(block, keep=True)), inputs.rest)
             bar.update()
