@@ -116,17 +116,19 @@ def pack_nibbles(vals: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
     """(..., 8) uint4 values -> (...) int32 words; nibble i (bits 4i..4i+3) holds vals[..., order[i]]."""
     if vals.numel() and int(vals.max()) > 15:
         raise FourbitError("codes must be uint4 values 0..15: quantize the weight before packing it")
-    shifts = torch.arange(0, 32, 4, device=vals.device)  # bit offset of nibble i
-    words = (vals[..., list(order)].to(torch.int64) << shifts).sum(-1)  # disjoint bits: sum == or, < 2^32
-    # int32 storage: words >= 2^31 (nibble 7 >= 8) become negative, the same bits a kernel reads as uint32
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    # in int32 (the shift into bit 31 wraps: nibble 7 >= 8 makes a negative word, the bits a kernel reads as
+    # uint32), one nibble at a time: no (..., 8) temporary of wider integers
+    words = torch.zeros(vals.shape[:-1], dtype=torch.int32, device=vals.device)
+    for i, src in enumerate(order):
+        words |= vals[..., src].to(torch.int32) << (4 * i)
+    return words
 
 
 def unpack_nibbles(words: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
     """Inverse of pack_nibbles: (...) int32 words -> (..., 8) uint8 values."""
     # arange, not torch.tensor(list): no host-to-device copy, so this also runs inside CUDA-graph capture
-    shifts = torch.arange(0, 32, 4, device=words.device)
-    nib = ((words.to(torch.int64) & 0xFFFFFFFF)[..., None] >> shifts) & 0xF  # (..., 8), nib[..., i] = nibble i
+    shifts = torch.arange(0, 32, 4, device=words.device, dtype=words.dtype)
+    nib = (words[..., None] >> shifts) & 0xF  # (..., 8) int32, nib[..., i] = nibble i (the mask drops sign fill)
     inverse = sorted(range(8), key=lambda i: order[i])  # inverse[e] = the i with order[i] = e
     # stacked slices, not nib[..., list]: list indexing copies the list to the device, which CUDA graphs forbid
     return torch.stack([nib[..., i] for i in inverse], dim=-1).to(torch.uint8)
