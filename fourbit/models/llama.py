@@ -179,9 +179,7 @@ class LlamaModel(nn.Module):
         """The decoder blocks, final norm and classifier; logits of all positions, or of h[0, rows] (S,)."""
         delta = None  # the last block's MLP output, not yet added to h (Block.forward)
         for i, layer in enumerate(self.layers):
-            args = (h, cos, sin, self.config.rope_interleaved, ctx, i)
-            # block 0 without the keyword: calibration captures that call and replays its arguments elsewhere
-            h, delta = layer(*args) if delta is None else layer(*args, delta=delta)
+            h, delta = layer(h, cos, sin, self.config.rope_interleaved, ctx, i, delta=delta)
         if rows is not None:  # (S, dim): the classifier runs only where a token is sampled
             h, delta = h[0, rows], delta[0, rows]
         h = self.norm(h) if delta is None else self.norm(delta, residual=h)[0]

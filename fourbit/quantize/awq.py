@@ -91,9 +91,10 @@ def _padded_groups(w: torch.Tensor, gs: int) -> torch.Tensor:
 
 
 def _inspect(module: nn.Module, xs: list[torch.Tensor], inputs: BlockInputs, attention: bool):
-    """Outputs of module on each mini-batch; attention takes the block's other arguments (RoPE, mask)."""
+    """Outputs of module on each mini-batch; attention takes the block's other positional arguments (RoPE, mask,
+    layer index), not its keywords (the residual-stream delta is the block's own)."""
     if attention:
-        return inputs.run(module, xs, keep=True)
+        return [module(x, *args) for x, (args, _) in zip(xs, inputs.rest)]
     return [module(x) for x in xs]
 
 
