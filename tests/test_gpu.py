@@ -41,6 +41,7 @@ _KERNEL_CONFIGS = [  # (kind, BLOCK_M, R, warps, split K, post-scale, X in smem,
     ("wgmma", 64, 2, 4, 3, False, True, 2), ("wgmma", 128, 1, 8, 4, False, True, 4),
     ("wgmma", 128, 1, 4, 1, False, True, 3), ("wgmma", 256, 1, 8, 1, False, True, 3),
     ("wgmma", 256, 1, 8, 2, False, True, 2),
+    ("wgmma", 264, 1, 8, 1, False, True, 2), ("wgmma", 336, 1, 4, 1, False, True, 2),  # tiles in parts (tile_parts)
     ("ws", 32, 1, 4, 2, False, True, 4), ("ws", 64, 2, 4, 1, False, True, 3), ("ws", 64, 1, 4, 4, False, True, 2),
     ("ws", 128, 1, 4, 1, False, True, 3), ("ws", 128, 1, 8, 3, False, True, 3),
 ]
@@ -78,25 +79,31 @@ def test_w4a16_kernel_configs_on_cuda(cfg, dtype, m, glu):
         assert float((y.double() - ref).norm() / ref.norm()) < 1e-2
 
 
-@pytest.mark.parametrize("m", [129, 144, 257, 300, 320])
+@pytest.mark.parametrize("m, n, k", [(129, 4096, 20496), (144, 4096, 20496), (257, 4096, 20496),
+                                     (288, 4096, 8208), (257, 20480, 4112), (300, 20480, 4112), (334, 20480, 4112),
+                                     (384, 12288, 4112)])
 @pytest.mark.parametrize("glu", [False, True], ids=["plain", "gated"])
-def test_w4a16_row_parts_on_cuda(m, glu):
-    """Just past 128 or 256 rows a large layer runs as two launches on Hopper (the first 128 / 256 rows, then the
-    rest) writing disjoint rows of one output: every row written, and right, with bias and split-K workspaces
-    reused; also for a gated layer (silu(gate) · up, nn/fuse.py)."""
+def test_w4a16_row_parts_on_cuda(m, n, k, glu):
+    """Just past 128 or 256 rows a large layer runs on Hopper as two launches (the first 128 / 256 rows, then
+    the rest) writing disjoint rows of one output, or, where its grid fills the SMs (N >= ~6144), as one tile of
+    two parts (256 + the next power of two rows, _parts_pick): every row written, and right, with bias and
+    split-K workspaces reused; also for a gated layer (silu(gate) · up, nn/fuse.py). K is not a multiple of 128."""
+    from fourbit.kernels import sm_count
     from fourbit.kernels.ref import silu_mul_ref
-    from fourbit.kernels.w4a16_gemm import _row_parts, kernel_for, w4a16_gemm
+    from fourbit.kernels.w4a16_gemm import _parts_pick, _row_parts, kernel_for, w4a16_gemm
     from fourbit.nn.fuse import _gate_w4a16
 
-    n, k = 20480, 4112  # N >= 12288, N·K >= 80·2^20; K not a multiple of 128
-    assert len(_row_parts(m, n, -(-k // 128), True)) == 2
     hopper = torch.cuda.get_device_capability()[0] == 9  # elsewhere one launch: the same checks apply
-    assert ("+" in kernel_for(torch.device("cuda"), m, n, k)) == hopper
+    in_parts = _parts_pick(m, n, sm_count(0)) is not None
+    assert in_parts or len(_row_parts(m, n, -(-k // 128), True)) == 2
+    assert ("+" in kernel_for(torch.device("cuda"), m, n, k)) == (hopper and not in_parts)
     torch.manual_seed(m)
     parts = []
     for _ in range(2 if glu else 1):  # gated: gate and up of n / 2 channels each
-        codes, scales, zeros = quantize_groups(torch.randn(n // (1 + glu), k, device="cuda"), 128, False, SCALE_DTYPE)
-        parts.append(W4A16Linear.from_codes(codes, scales, zeros, 128, k, torch.randn(n // (1 + glu), device="cuda")))
+        w = torch.randn(n // (1 + glu), k, device="cuda") / 8  # (/ 8: gated products at K = 20496 stay in fp16)
+        codes, scales, zeros = quantize_groups(w, 128, False, SCALE_DTYPE)
+        bias = torch.randn(n // (1 + glu), device="cuda")
+        parts.append(W4A16Linear.from_codes(codes, scales, zeros, 128, k, bias))
     layer = _gate_w4a16(parts) if glu else parts[0]
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(m, k, device="cuda", dtype=dtype)

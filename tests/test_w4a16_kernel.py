@@ -101,6 +101,12 @@ _CASES = {
     "wgmma-bf16-g128-bn64-split": ("_w4a16_wgmma_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False,
                                                                        ATOMIC=True, BLOCK_M=128, R=1, NUM_WARPS=4,
                                                                        STAGES=2)),
+    # a tile in parts (w4a16_gemm.tile_parts): 256 + 128 rows, and 256 + 8 with bias and groups of 32
+    "wgmma-bf16-g128-parts-384": ("_w4a16_wgmma_kernel", "bf16", dict(GS=128, SYM=False, HAS_BIAS=False,
+                                                                      ATOMIC=False, BLOCK_M=384, R=1, NUM_WARPS=4,
+                                                                      STAGES=2)),
+    "wgmma-fp16-g32-parts-264": ("_w4a16_wgmma_kernel", "fp16", dict(GS=32, SYM=True, HAS_BIAS=True, ATOMIC=False,
+                                                                     BLOCK_M=264, R=1, NUM_WARPS=8, STAGES=2)),
 }
 _WS = dict(SYM=False, HAS_BIAS=False, NUM_WARPS=4)
 _CASES.update({  # the warp-specialized kernel at _ws_pick's configs, and a group size below a tile with bias
@@ -119,7 +125,7 @@ _CASES.update({f"occupancy-{bm}-{r}-{atomic}": ("_w4a16_wgmma_kernel", "bf16", d
 # gated epilogues (silu(gate) · up, nn/fuse.py), each beside its plain twin above
 _CASES.update({f"{name}-glu": (_CASES[name][0], _CASES[name][1], dict(_CASES[name][2], GLU=True)) for name in (
     "mma-bf16-g128", "ring-bf16-g128-split-pdl", "ring-fp16-g32", "wgmma-bf16-g128", "wgmma-bf16-g128-bn64-split",
-    "ws-bf16-g128-64-1-True")})
+    "wgmma-bf16-g128-parts-384", "ws-bf16-g128-64-1-True")})
 
 
 @pytest.fixture(scope="module")
@@ -183,17 +189,21 @@ def test_ring_kernel_requests_weights_before_waiting_for_the_previous_kernel(com
 @pytest.mark.parametrize("case", [c for c in _CASES if c.startswith("wgmma")])
 def test_wgmma_kernel_feeds_register_weights_to_wgmma(compiled, case):
     # As above, compiling proves the dequantized fragments are wgmma's register A operand as they are unpacked.
-    # X arrives by TMA (UTMALDG, two boxes per ring stage). The only shared stores left are the epilogue's: the
-    # fp32 accumulator re-laid out for coalesced output, BN x BLOCK_M x 4 bytes in 16-byte stores, plus one
+    # X arrives by TMA (UTMALDG, two boxes per ring stage and part of the tile's rows). The only shared stores left
+    # are the epilogue's: the fp32 accumulator re-laid out for coalesced output, BN x BLOCK_M x 4 bytes, plus one
     # broadcasting the split-K arrival count. A dequantized weight tile would add as many again.
+    from fourbit.kernels.w4a16_gemm import tile_parts
+
     _, _, c = _CASES[case]
+    parts = len(tile_parts(c["BLOCK_M"]))
     threads = 32 * c["NUM_WARPS"]
     epilogue = 16 * c["R"] * c["NUM_WARPS"] * c["BLOCK_M"] * 4 // (threads * 16)
     k = compiled[case]
     assert k["stack"] == 0
-    assert sum(n for op, n in k["ops"].items() if op.startswith("HGMMA")) >= 8
-    assert k["ops"].get("UTMALDG.2D", 0) >= 2
-    assert sum(n for op, n in k["ops"].items() if op.startswith("STS")) <= epilogue + 1
+    assert sum(n for op, n in k["ops"].items() if op.startswith("HGMMA")) >= 8 * parts
+    assert k["ops"].get("UTMALDG.2D", 0) >= 2 * parts
+    width = {"STS.128": 16, "STS.64": 8, "STS": 4}  # bytes per thread (a small part's re-layout stores 4 at a time)
+    assert sum(width[op] * n for op, n in k["ops"].items() if op.startswith("STS")) <= 16 * epilogue + 4
 
 
 @pytest.mark.parametrize("bm, r", list(WGMMA_CTAS_PER_SM))
@@ -254,6 +264,30 @@ def test_gated_epilogue_pairs_gate_and_up_in_registers(compiled, case):
     assert count(gated, "SHFL") == count(plain, "SHFL") and count(gated, "STS") == count(plain, "STS")
     assert count(gated, "STG") < count(plain, "STG")
     assert count(gated, "MUFU.EX2") > 0 and count(plain, "MUFU") == 0
+
+
+def test_tile_parts():
+    from fourbit.kernels.w4a16_gemm import tile_parts
+
+    assert tile_parts(8) == (8, ) and tile_parts(256) == (256, )
+    assert tile_parts(264) == (256, 8) and tile_parts(384) == (256, 128) and tile_parts(336) == (256, 64, 16)
+    for bad in (96, 200, 368, 260, 640):  # not a power of two up to 256, nor 256 + one or two powers of two >= 8
+        with pytest.raises(ValueError):
+            tile_parts(bad)
+
+
+def test_parts_tile_for_256_to_384_rows_where_its_grid_fills_the_sms():
+    # all of 256 < M <= 384 in one row of CTAs (256 + the next power of two rows), BN 128 where N / 128 CTAs fill
+    # >= 70% of their waves on 132 SMs, else BN 64 where N / 64 do, else not at all (N = 4096: 64 CTAs)
+    from fourbit.kernels.w4a16_gemm import _config, _parts_pick, _plan
+
+    assert _parts_pick(334, 28672, 132) == (384, 8) and _parts_pick(257, 12288, 132) == (264, 8)
+    assert _parts_pick(320, 6144, 132) == (320, 4) and _parts_pick(300, 22016, 132) == (320, 4)
+    assert _parts_pick(334, 4096, 132) is None and _parts_pick(334, 10240, 132) is None
+    assert _parts_pick(256, 28672, 132) is None and _parts_pick(385, 28672, 132) is None
+    assert _config(334, 28672, 32, 132) == ("wgmma", 384, 1, 8, 1, False, True, 2)
+    assert _plan(288, 12288, 32, 132, True, True) == ((0, 288, ("wgmma", 288, 1, 8, 1, False, True, 2)), )
+    assert _config(334, 28672, 32, 132, hopper=False)[0] == "mma"
 
 
 def test_row_parts_only_for_large_layers_just_past_128_or_256_rows_on_hopper():

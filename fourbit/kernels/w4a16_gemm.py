@@ -7,8 +7,9 @@ Kernels by M (the stored format is the same for all): `_w4a16_ring_kernel` for M
 multiples of 16, `_w4a16_mma_kernel` for M <= 8 otherwise and for every M on sm_80/sm_89, `_w4a16_ws_kernel`
 for 16 < M <= 64 (and up to 256 where K <= 4096 is too short to split well) and `_w4a16_wgmma_kernel` for the
 rest on Hopper. On large layers an M just past 128 or 256 runs as two launches, the first 128 / 256 rows and the
-rest (_row_parts). Every Gluon kernel also has a gated form (GLU, for nn/fuse.W4A16GatedLinear): its epilogue
-writes silu(gate) · up of the weight's alternating 8-row blocks, N / 2 columns (_glu).
+rest (_row_parts), unless a tile in parts takes it (below). Every Gluon kernel also has a gated form (GLU, for
+nn/fuse.W4A16GatedLinear): its epilogue writes silu(gate) · up of the weight's alternating 8-row blocks, N / 2
+columns (_glu).
 
 `_w4a16_mma_kernel` (Gluon) computes Yᵀ = W·Xᵀ with mma.m16n8k16, the weight as the A operand, so a decode batch
 fills the instruction's n = 8 instead of wasting 15/16 of m = 16:
@@ -38,7 +39,9 @@ weights are requested while the previous kernel (whose output X may be) is still
 `_w4a16_wgmma_kernel` (sm_90; the other M > 8 on Hopper) feeds the same register fragments to async wgmma
 (m64nBLOCK_Mk16, BLOCK_M from 16 to 256), with X streamed by TMA through a small ring of shared-memory tiles
 (mbarrier per stage) so X's loads overlap the tensor cores, and the next slice's dequant overlapping the running
-wgmma. X is read once per CTA instead of once per warp.
+wgmma. X is read once per CTA instead of once per warp. For 256 < M <= 384 on layers wide enough to fill the SMs
+with one row of CTAs, a tile takes all of M in two parts (256 rows and the next power of two, tile_parts), each
+with its own accumulator and X box, fed the same dequantized fragments.
 `_w4a16_ws_kernel` (sm_90; 16 < M <= 64, and 80 < M <= 256 where K <= 4096 would otherwise be split; N and K
 multiples of 16) is the wgmma kernel warp-specialized: two one-warp loaders stream X and the packed weight words
 (with their group parameters) into rings of their own, and the consumer warps read the words back from shared
@@ -202,24 +205,26 @@ def _glu(y, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _store_y(y, M, N, out_ptr, GLU: gl.constexpr):
-    """y (BN, BLOCK_M) fp32, the finished tile of Yᵀ at program (pid_n, pid_m) -> Y (M, N) in its dtype; with GLU
-    silu(gate) · up of its row pairs (_glu) -> Y (M, N / 2)."""
+def _store_y(y, col0, M, N, out_ptr, GLU: gl.constexpr):
+    """y (BN, BLOCK_M) fp32, the finished tile of Yᵀ at program pid_n and X rows col0 .. col0 + BLOCK_M - 1 -> Y
+    (M, N) in its dtype; with GLU silu(gate) · up of its row pairs (_glu) -> Y (M, N / 2)."""
     if GLU:
         y = _glu(y, out_ptr.dtype.element_ty)
         N = N // 2
     BN: gl.constexpr = y.shape[0]
     BLOCK_M: gl.constexpr = y.shape[1]
     rows = gl.program_id(0) * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, y.type.layout))
-    cols = gl.program_id(1) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, y.type.layout))
+    cols = col0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, y.type.layout))
     mask = (rows < N)[:, None] & (cols < M)[None, :]
     gl.store(out_ptr + cols[None, :] * N + rows[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
 def _write_out(acc, rows, rows_ok, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr,
-               HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, GLU: gl.constexpr = False):
-    """acc (BN, BLOCK_M) fp32 = Yᵀ's tile -> Y, bias added once (by the first K split); GLU: _store_y.
+               HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, GLU: gl.constexpr = False,
+               OFFSET: gl.constexpr = 0):
+    """acc (BN, width) fp32 = Yᵀ's tile -> Y, bias added once (by the first K split); GLU: _store_y. The program's
+    X rows start at pid_m · BLOCK_M; the tile's at OFFSET past that (a part of the rows, _row_part).
 
     With ATOMIC (split K) the call stays one launch: every split adds its part into an fp32 workspace that is
     all zeros between calls; the split that arrives last (a counter per output tile) writes Y and re-zeroes both.
@@ -228,7 +233,8 @@ def _write_out(acc, rows, rows_ok, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr,
     if HAS_BIAS:
         bias = gl.load(bias_ptr + rows, mask=rows_ok & (gl.program_id(2) == 0), other=0).to(gl.float32)
         acc += bias[:, None]
-    cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc.type.layout))
+    col0 = pid_m * BLOCK_M + OFFSET
+    cols = col0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
     out_off = cols[None, :] * N + rows[:, None]
     out_mask = rows_ok[:, None] & (cols < M)[None, :]
     if ATOMIC:
@@ -240,9 +246,9 @@ def _write_out(acc, rows, rows_ok, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr,
             total = gl.load(ws_ptr + out_off, mask=out_mask, other=0.0, cache_modifier=".cg")  # from L2
             gl.store(ws_ptr + out_off, gl.zeros_like(total), mask=out_mask)
             gl.atomic_xchg(count_ptr + tile, 0, sem="relaxed")
-            _store_y(total, M, N, out_ptr, GLU)
+            _store_y(total, col0, M, N, out_ptr, GLU)
     else:
-        _store_y(acc, M, N, out_ptr, GLU)
+        _store_y(acc, col0, M, N, out_ptr, GLU)
 
 
 @gluon.jit
@@ -482,14 +488,53 @@ def _w4a16_ring_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
 
 
 @gluon.jit
-def _issue_x(x_desc, x_smem, bars, stage, m0, kt, pred):
-    """Start the TMA copy of X's (BLOCK_M, 128) tile kt into ring stage `stage` (two 64-column boxes, the
-    widest a 128-byte swizzle takes); bars[stage] completes when both have landed. Rows past M and columns
-    past K arrive as zeros."""
+def _issue_x(x_desc, x_smem, bars, stage, m0, kt, pred, ROWS: gl.constexpr):
+    """Start the TMA copy of X's (box rows, 128) tile kt into ring stage `stage`; bars[stage] completes when
+    ROWS rows of it have landed: the box's, or a CTA's rows in parts, whose other copies follow (_copy_x)."""
     bar = bars.index(stage)
-    mbarrier.expect(bar, 2 * x_desc.block_type.nbytes, pred=pred)
+    mbarrier.expect(bar, 2 * x_desc.block_type.nbytes // x_desc.block_type.shape[0] * ROWS, pred=pred)
+    _copy_x(x_desc, x_smem, bar, stage, m0, kt, pred)
+
+
+@gluon.jit
+def _copy_x(x_desc, x_smem, bar, stage, m0, kt, pred):
+    """X rows m0 .. m0 + box rows - 1 of tile kt into ring stage `stage` as two 64-column boxes (the widest a
+    128-byte swizzle takes), completing on bar. Rows past M and columns past K arrive as zeros."""
     tma.async_copy_global_to_shared(x_desc, [m0, kt * 128], bar, x_smem.index(2 * stage), pred=pred)
     tma.async_copy_global_to_shared(x_desc, [m0, kt * 128 + 64], bar, x_smem.index(2 * stage + 1), pred=pred)
+
+
+@gluon.jit
+def _issue_parts(x_desc, x_desc2, x_desc3, x_smem, x_smem2, x_smem3, bars, stage, m0, kt, pred,
+                 BLOCK_M: gl.constexpr):
+    """_issue_x for each part of a CTA's BLOCK_M rows (_row_part), all completing on bars[stage]."""
+    B1: gl.constexpr = _row_part(BLOCK_M, 0)
+    B2: gl.constexpr = _row_part(BLOCK_M, 1)
+    _issue_x(x_desc, x_smem, bars, stage, m0, kt, pred, BLOCK_M)
+    if B2 > 0:
+        _copy_x(x_desc2, x_smem2, bars.index(stage), stage, m0 + B1, kt, pred)
+    if _row_part(BLOCK_M, 2) > 0:
+        _copy_x(x_desc3, x_smem3, bars.index(stage), stage, m0 + B1 + B2, kt, pred)
+
+
+@triton.constexpr_function  # (also called on the host)
+def tile_parts(block_m: int) -> tuple:
+    """The parts of a wgmma CTA's BLOCK_M rows: BLOCK_M itself (a power of two up to 256), or 256 and one or two
+    smaller powers of two from 8 (e.g. 336 = 256 + 64 + 16). Each part has its own accumulator (wgmma n = its
+    rows) and X box, and all take the same dequantized weights: an M between two tile heights is neither padded
+    to the next nor has its weights dequantized once per tile."""
+    rest = block_m - 256
+    parts = (block_m, ) if rest <= 0 else (256, ) + tuple(1 << b for b in range(7, 2, -1) if rest >> b & 1)
+    if sum(parts) != block_m or len(parts) > 3 or parts[0] & (parts[0] - 1):
+        raise ValueError(f"BLOCK_M {block_m} is not a power of two up to 256, nor 256 and one or two smaller ones")
+    return parts
+
+
+@triton.constexpr_function
+def _row_part(block_m, i):
+    """Rows of part i of BLOCK_M (tile_parts); 0 past the last part."""
+    parts = tile_parts(block_m)
+    return parts[i] if i < len(parts) else 0
 
 
 @triton.constexpr_function
@@ -499,17 +544,21 @@ def _inflight(block_m):
 
 
 @gluon.jit
-def _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ptr, z_ptr, N, K,
-                  GS: gl.constexpr, SYM: gl.constexpr, BF16: gl.constexpr, BLOCK_M: gl.constexpr,
+def _wgmma_slices(acc, acc2, acc3, w0, w1, x_smem, x_smem2, x_smem3, stage, zz, s2, kt, rows, rows_ok, s_ptr, z_ptr,
+                  N, K, GS: gl.constexpr, SYM: gl.constexpr, BF16: gl.constexpr, BLOCK_M: gl.constexpr,
                   NUM_WARPS: gl.constexpr, INFLIGHT: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr,
                   RING: gl.constexpr = False):
     """k16 slices FIRST .. LAST - 1 of tile kt: each dequantized from the words (w0: slices 0-3, w1: 4-7) straight
-    into wgmma's register A layout and multiplied with X's slice of ring stage `stage` by an async wgmma, keeping
-    up to INFLIGHT in flight. Group parameters are (re)loaded where a group starts inside the tile (group size
-    below 128): from global memory, or with RING from the parameter rings s_ptr / z_ptr (slot stage · groups per
-    tile + group). Returns (acc, zz, s2)."""
+    into wgmma's register A layout and multiplied with X's slice of ring stage `stage` by an async wgmma (one per
+    part of the BLOCK_M rows, _row_part: acc / x_smem, then acc2 / x_smem2 and acc3 / x_smem3 where those parts
+    exist; else they are returned as given), keeping up to INFLIGHT slices in flight. Group parameters are
+    (re)loaded where a group starts inside the tile (group size below 128): from global memory, or with RING from
+    the parameter rings s_ptr / z_ptr (slot stage · groups per tile + group). Returns (acc, acc2, acc3, zz, s2)."""
+    B1: gl.constexpr = _row_part(BLOCK_M, 0)
+    B2: gl.constexpr = _row_part(BLOCK_M, 1)
+    B3: gl.constexpr = _row_part(BLOCK_M, 2)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
+                                                  instr_shape=[16, B1, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     BN: gl.constexpr = acc.shape[0]
     for i in gl.static_range(FIRST, LAST):
@@ -523,15 +572,28 @@ def _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ptr, 
                     zz, s2 = _group_params(s_ptr, z_ptr, k0 // GS, rows, rows_ok & (k0 < K), N, SYM, BF16, True)
         lo, hi = _dequant(w0 if i < 4 else w1, zz, s2, i % 4, BF16, True)
         w = gl.convert_layout(gl.reshape(gl.join(lo, hi), (BN, 16)), a_l, assert_trivial=True)
-        xs = x_smem.index(2 * stage + i // 4).slice(16 * (i % 4), 16, dim=1).permute((1, 0))
-        acc = warpgroup_mma(w, xs, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc])
-    return acc, zz, s2
+        acc = warpgroup_mma(w, _x_slice(x_smem, stage, i), acc, is_async=True)
+        if B3 > 0:
+            acc2 = warpgroup_mma(w, _x_slice(x_smem2, stage, i), acc2, is_async=True)
+            acc3 = warpgroup_mma(w, _x_slice(x_smem3, stage, i), acc3, is_async=True)
+            acc, acc2, acc3 = warpgroup_mma_wait(num_outstanding=3 * INFLIGHT, deps=[acc, acc2, acc3])
+        elif B2 > 0:
+            acc2 = warpgroup_mma(w, _x_slice(x_smem2, stage, i), acc2, is_async=True)
+            acc, acc2 = warpgroup_mma_wait(num_outstanding=2 * INFLIGHT, deps=[acc, acc2])
+        else:
+            acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc])
+    return acc, acc2, acc3, zz, s2
+
+
+@gluon.jit
+def _x_slice(x_smem, stage, i):
+    """k16 slice i of X's tile in ring stage `stage`, as wgmma's B operand (16, rows)."""
+    return x_smem.index(2 * stage + i // 4).slice(16 * (i % 4), 16, dim=1).permute((1, 0))
 
 
 @gluon.jit
 def _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
-               BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr, GLU: gl.constexpr):
+               BLOCK_M: gl.constexpr, NUM_WARPS: gl.constexpr, GLU: gl.constexpr, OFFSET: gl.constexpr = 0):
     """The wgmma accumulator (BN, BLOCK_M) -> Y. Y is contiguous along N (acc's rows): re-laid out with 8 rows per
     thread (16 with GLU: a gate / up pair of 8-row halves, whose 8 results are stored), stores are 16 bytes wide
     and addresses cheap; the lanes of a warp span the tile's BN rows (a wider span would hold every element
@@ -543,44 +605,55 @@ def _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS:
                                                   [0, 1]))
     acc_rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, acc.type.layout))
     _write_out(acc, acc_rows, acc_rows < N, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M,
-               GLU)
+               GLU, OFFSET)
 
 
 @gluon.jit
 def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
-                        ws_ptr, count_ptr, GS: gl.constexpr, SYM: gl.constexpr, HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr,
-                        BLOCK_M: gl.constexpr, R: gl.constexpr, NUM_WARPS: gl.constexpr, STAGES: gl.constexpr,
-                        GLU: gl.constexpr = False):
+                        ws_ptr, count_ptr, x_desc2, x_desc3, GS: gl.constexpr, SYM: gl.constexpr,
+                        HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, R: gl.constexpr,
+                        NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, GLU: gl.constexpr = False):
     """M > 8 on Hopper: the same register A fragments fed to async wgmma (m64nBLOCK_Mk16, one warpgroup per
     64 rows), X (the B operand) streamed by TMA through a ring of STAGES shared-memory tiles so its loads overlap
     the tensor cores; scales applied in the dequant. The next slice's dequant overlaps the running wgmmas (up to
-    INFLIGHT of them: with n >= 128 one at a time leaves the tensor cores waiting)."""
+    INFLIGHT of them: with n >= 128 one at a time leaves the tensor cores waiting). A BLOCK_M past 256 is taken in
+    parts (_row_part; x_desc2 / x_desc3 are the second and third parts' X boxes, else unused): one wgmma per part
+    and slice, all from the same A fragments. No split K with parts (its arrival counter is per program)."""
     BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
     RB: gl.constexpr = R * NUM_WARPS
     BN: gl.constexpr = 16 * RB
     TILE_GROUP: gl.constexpr = GS == 128  # one group per 128-wide tile
-    INFLIGHT: gl.constexpr = _inflight(BLOCK_M)
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
+    B1: gl.constexpr = _row_part(BLOCK_M, 0)
+    B2: gl.constexpr = _row_part(BLOCK_M, 1)
+    B3: gl.constexpr = _row_part(BLOCK_M, 2)
+    INFLIGHT: gl.constexpr = _inflight(B1)
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     kt0, kt1 = _k_range(KT, TILES_PER_SPLIT)
     m0 = pid_m * BLOCK_M
 
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, 64], x_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, B1, 64], x_desc.layout)
+    acc = gl.zeros((BN, B1), gl.float32, layout=_wgmma_layout(NUM_WARPS, B1))
+    x_smem2, x_smem3, acc2, acc3 = x_smem, x_smem, acc, acc  # (parts that do not exist: never used)
+    if B2 > 0:
+        x_smem2 = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, B2, 64], x_desc.layout)
+        acc2 = gl.zeros((BN, B2), gl.float32, layout=_wgmma_layout(NUM_WARPS, B2))
+    if B3 > 0:
+        x_smem3 = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, B3, 64], x_desc.layout)
+        acc3 = gl.zeros((BN, B3), gl.float32, layout=_wgmma_layout(NUM_WARPS, B3))
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
     for i in gl.static_range(STAGES - 1):  # the ring's first tiles in flight
-        _issue_x(x_desc, x_smem, bars, i, m0, kt0 + i, kt0 + i < kt1)
+        _issue_parts(x_desc, x_desc2, x_desc3, x_smem, x_smem2, x_smem3, bars, i, m0, kt0 + i, kt0 + i < kt1,
+                     BLOCK_M)
 
     w_off, w_ok = _word_offsets(pid_n, N, KT, RB, NUM_WARPS)
     w0, w1 = _load_tile(qw_ptr, w_off + kt0 * 256, w_ok & (kt0 < kt1), RB)
     rows = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, w0.type.layout))
     rows_ok = rows < N
 
-    acc = gl.zeros((BN, BLOCK_M), gl.float32, layout=mma)
     zz, s2 = _group_params(s_ptr, z_ptr, kt0 if TILE_GROUP else 0, rows, rows_ok, N, SYM, BF16, True)
     for kt in range(kt0, kt1):
         j = kt - kt0
@@ -589,15 +662,18 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
         if TILE_GROUP:  # with their group's parameters
             nzz, ns2 = _group_params(s_ptr, z_ptr, kt + 1, rows, rows_ok & (kt + 1 < kt1), N, SYM, BF16, True)
         mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
-        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ptr, z_ptr, N, K, GS,
-                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, 0, INFLIGHT)
-        # this warpgroup's wgmmas of the previous tile are done (all but the INFLIGHT newest are); once every
-        # warpgroup is here, its ring stage is free for the tile STAGES - 1 ahead
+        acc, acc2, acc3, zz, s2 = _wgmma_slices(acc, acc2, acc3, w0, w1, x_smem, x_smem2, x_smem3, stage, zz, s2, kt,
+                                                rows, rows_ok, s_ptr, z_ptr, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
+                                                INFLIGHT, 0, INFLIGHT)
+        # this warpgroup's wgmmas of the previous tile are done (all but the INFLIGHT newest slices' are); once
+        # every warpgroup is here, its ring stage is free for the tile STAGES - 1 ahead
         gl.thread_barrier()
         ahead = kt + STAGES - 1
-        _issue_x(x_desc, x_smem, bars, (j + STAGES - 1) % STAGES, m0, ahead, ahead < kt1)
-        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ptr, z_ptr, N, K, GS,
-                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, INFLIGHT, 8)
+        _issue_parts(x_desc, x_desc2, x_desc3, x_smem, x_smem2, x_smem3, bars, (j + STAGES - 1) % STAGES, m0, ahead,
+                     ahead < kt1, BLOCK_M)
+        acc, acc2, acc3, zz, s2 = _wgmma_slices(acc, acc2, acc3, w0, w1, x_smem, x_smem2, x_smem3, stage, zz, s2, kt,
+                                                rows, rows_ok, s_ptr, z_ptr, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
+                                                INFLIGHT, INFLIGHT, 8)
         w0, w1 = n0, n1
         if TILE_GROUP:
             zz, s2 = nzz, ns2
@@ -605,6 +681,20 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
     _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, ATOMIC, BLOCK_M, NUM_WARPS, GLU)
+    if B2 > 0:
+        acc2 = warpgroup_mma_wait(num_outstanding=0, deps=[acc2])
+        _store_acc(acc2, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, False, BLOCK_M, NUM_WARPS, GLU,
+                   B1)
+    if B3 > 0:
+        acc3 = warpgroup_mma_wait(num_outstanding=0, deps=[acc3])
+        _store_acc(acc3, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, False, BLOCK_M, NUM_WARPS, GLU,
+                   B1 + B2)
+
+
+@triton.constexpr_function
+def _wgmma_layout(num_warps, n):
+    """The accumulator layout of wgmma m64nNk16 with num_warps / 4 warpgroups along the weight rows."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
 
 
 @gluon.jit
@@ -615,7 +705,7 @@ def _ws_load_x(x_desc, x_smem, xready, xempty, m0, kt0, kt1):
     for kt in range(kt0, kt1):
         j = kt - kt0
         mbarrier.wait(xempty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
-        _issue_x(x_desc, x_smem, xready, j % STAGES, m0, kt, True)
+        _issue_x(x_desc, x_smem, xready, j % STAGES, m0, kt, True, x_desc.block_type.shape[0])
 
 
 @gluon.jit
@@ -671,21 +761,24 @@ def _ws_mma(x_smem, w_smem, s_ring, z_ring, xready, xempty, wready, wempty, N, K
         j = kt - kt0
         stage = j % STAGES
         mbarrier.wait(xready.index(stage), (j // STAGES) & 1)
-        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ring, z_ring, N, K, GS,
-                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, 0, INFLIGHT, True)
+        acc, _, _, zz, s2 = _wgmma_slices(acc, acc, acc, w0, w1, x_smem, x_smem, x_smem, stage, zz, s2, kt, rows,
+                                          rows_ok, s_ring, z_ring, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
+                                          INFLIGHT, 0, INFLIGHT, True)
         # every consumer warp's wgmmas of the previous tile are done: its stages go back to the loaders (the
         # fence orders the generic-proxy reads of its words before the TMA that refills them)
         gl.thread_barrier()
         fence_async_shared()
         mbarrier.arrive(xempty.index((j + STAGES - 1) % STAGES), pred=j > 0)
         mbarrier.arrive(wempty.index((j + STAGES - 1) % STAGES), pred=j > 0)
-        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ring, z_ring, N, K, GS,
-                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, INFLIGHT, 4, True)
+        acc, _, _, zz, s2 = _wgmma_slices(acc, acc, acc, w0, w1, x_smem, x_smem, x_smem, stage, zz, s2, kt, rows,
+                                          rows_ok, s_ring, z_ring, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
+                                          INFLIGHT, INFLIGHT, 4, True)
         # the next tile's words and first group while the last slices run
         n0, n1 = _ws_words(w_smem, wready, j + 1, kt + 1 < kt1, RB, NUM_WARPS)
         nzz, ns2 = _ring_params(s_ring, z_ring, ((j + 1) % STAGES) * GPT, rows, SYM, BF16)
-        acc, zz, s2 = _wgmma_slices(acc, w0, w1, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ring, z_ring, N, K, GS,
-                                    SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, 4, 8, True)
+        acc, _, _, zz, s2 = _wgmma_slices(acc, acc, acc, w0, w1, x_smem, x_smem, x_smem, stage, zz, s2, kt, rows,
+                                          rows_ok, s_ring, z_ring, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
+                                          INFLIGHT, 4, 8, True)
         w0, w1 = n0, n1
         zz, s2 = nzz, ns2
     return (warpgroup_mma_wait(num_outstanding=0, deps=[acc]), )
@@ -806,6 +899,9 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
             block_m = 64 if m <= 192 else 128
             return "ws", block_m, 1, 4, 1, False, True, 4 if block_m == 64 else 3
         return kind, block_m, r, 4, split, post, smem, stages
+    elif hopper and _parts_pick(m, n, sms):  # all of M in one tile of two parts (256 + 8 .. 128 rows)
+        block_m, warps = _parts_pick(m, n, sms)
+        return kind, block_m, r, warps, 1, post, smem, stages
     elif m < 512:  # 2-4 tiles of rows: whichever of three configs costs the fewest CTA waves
         block_m, warps, stages = _wide_pick(m, n, sms)
         return kind, block_m, r, warps, 1, post, smem, stages
@@ -893,6 +989,24 @@ def _wide_pick(m: int, n: int, sms: int) -> tuple[int, int, int]:
         (block_m, warps, _), per_wave = c
         return per_wave * triton.cdiv(triton.cdiv(m, block_m) * triton.cdiv(n, 16 * warps), sms)
     return min(WIDE_CONFIGS.items(), key=cost)[0]
+
+
+def _parts_pick(m: int, n: int, sms: int):
+    """(BLOCK_M, warps) of a wgmma tile in two parts (tile_parts: 256 rows and the next power of two up from
+    M - 256) holding all of 256 < M <= 384, or None: where the grid (one row of CTAs, one CTA per SM at 2 stages)
+    fills >= 70% of its waves, with BN 128 (8 warps) if that does, else BN 64. H100, 11 Llama-2/3 layer shapes at
+    M = 264-384 (benchmarks/NOTES-w4a16.md): 1.01-1.30x the previous pick where this fires, but 7B gate_up at
+    M = 321-384 (0.89-0.97x) and 70B down at M = 264 (0.94x); the shapes it leaves out (N = 4096, and 70B qkv with
+    N = 10240 in 80 CTAs) measured 0.6-0.98x with parts. Three parts (e.g. 336 = 256 + 64 + 16) won on some
+    shapes and lost on others: not picked."""
+    if not 256 < m <= 384:
+        return None
+    block_m = 256 + max(8, triton.next_power_of_2(m - 256))
+    for warps in (8, 4):
+        ctas = triton.cdiv(n, 16 * warps)
+        if ctas >= 0.7 * triton.cdiv(ctas, sms) * sms:
+            return block_m, warps
+    return None
 
 
 def _pad_rows(m: int, block_m: int, warps: int) -> int:
@@ -996,7 +1110,8 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
 def _plan(m: int, n: int, k_tiles: int, sms: int, hopper: bool, aligned: bool, split_rows: bool = True) -> tuple:
     """The launches of an (m, n) product: ((first row, end row, _config's tuple), ...), the rows split by
     _row_parts when split_rows (the Gluon kernels), else all of M in one."""
-    parts = _row_parts(m, n, k_tiles, hopper) if split_rows else ((0, m), )
+    one = not split_rows or hopper and _parts_pick(m, n, sms)  # (a tile in parts: no second launch)
+    parts = ((0, m), ) if one else _row_parts(m, n, k_tiles, hopper)
     return tuple((a, b, _config(b - a, n, k_tiles, sms, hopper, aligned)) for a, b in parts)
 
 
@@ -1051,10 +1166,13 @@ def _launch(x, qweight, scales, zeros, bias, out, group_size: int, n: int, k: in
         pad_m = _pad_rows(m, block_m, warps)
         if k % 8 or pad_m:
             x = torch.nn.functional.pad(x, (0, -k % 8, 0, pad_m))
-        x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], X_SMEM_LAYOUT)
+        x_desc, *more = [TensorDescriptor.from_tensor(x, [rows, 64], X_SMEM_LAYOUT) for rows in tile_parts(block_m)]
         consts = dict(GS=group_size, BLOCK_M=block_m, R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps)
         if kind == "wgmma":
-            _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, **consts, **flags)
+            if more and split > 1:
+                raise FourbitError(f"a wgmma tile of {block_m} rows (in parts) takes no split K, got {split}")
+            more += [x_desc] * (2 - len(more))  # parts that do not exist
+            _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, *more, **consts, **flags)
         else:
             w_desc = TensorDescriptor.from_tensor(qweight, [r * warps, 256], W_SMEM_LAYOUT)
             _w4a16_ws_kernel[grid](x_desc, w_desc, *args[2:], out, *sizes, ws, count, **consts, **flags,
