@@ -270,8 +270,8 @@ def test_tile_parts():
     from fourbit.kernels.w4a16_gemm import tile_parts
 
     assert tile_parts(8) == (8, ) and tile_parts(256) == (256, )
-    assert tile_parts(264) == (256, 8) and tile_parts(384) == (256, 128) and tile_parts(336) == (256, 64, 16)
-    for bad in (96, 200, 368, 260, 640):  # not a power of two up to 256, nor 256 + one or two powers of two >= 8
+    assert tile_parts(264) == (256, 8) and tile_parts(384) == (256, 128) and tile_parts(320) == (256, 64)
+    for bad in (4, 96, 200, 336, 260, 512, 640):  # not a power of two from 8 to 256, nor 256 + a smaller one
         with pytest.raises(ValueError):
             tile_parts(bad)
 

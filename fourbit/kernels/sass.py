@@ -28,8 +28,9 @@ def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, maxnreg: int 
     """Compile the W4A16 kernel signature (x, qweight, scales, zeros, bias, out, M, N, K, KT, TILES_PER_SPLIT
     [, ws, counts]) for sm_90 with X of `dtype` ("bf16"/"fp16"); pointers, N and K are taken as 16-aligned, as
     torch's allocations and Llama's sizes are (the runtime specializes on it). A first argument named x_desc is
-    X's TMA descriptor, with (BLOCK_M, 64) boxes (the first part's: w4a16_gemm.tile_parts), and x_desc2 / x_desc3
-    the other parts'; a second named w_desc the packed weights' (R·num_warps rows of 256 words). maxnreg caps registers per thread (a warp-specialized kernel's partitions share them)."""
+    X's TMA descriptor, with (BLOCK_M, 64) boxes (the first part's: w4a16_gemm.tile_parts), and x_desc2 the
+    second part's; a second named w_desc the packed weights' (R·num_warps rows of 256 words). maxnreg caps
+    registers per thread (a warp-specialized kernel's partitions share them)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .w4a16_gemm import W_SMEM_LAYOUT, X_SMEM_LAYOUT, tile_parts
@@ -44,8 +45,8 @@ def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, maxnreg: int 
         w = f"tensordesc<i32[{constexprs['R'] * num_warps}, 256],{W_SMEM_LAYOUT!r}>"
     types = [x, w, "*fp16", "*u8", f"*{dtype}", "*fp32", "i32", "i32", "i32", "i32", "i32"]
     types += ["*fp32", "*i32"] if "ws_ptr" in names else []  # the split-K workspace and counters
-    if "x_desc2" in names:  # the X boxes of a tile's second and third parts (the first's where there are none)
-        types += [box((parts + parts[:1] * 2)[1]), box((parts + parts[:1] * 2)[2])]
+    if "x_desc2" in names:  # the X box of a tile's second part (the first's where there is none)
+        types.append(box(parts[-1]))
     sig = {name: (types[i] if i < len(types) else "constexpr") for i, name in enumerate(names)}
     aligned = [names.index(a) for a in names[:6] + ["N", "K"] + [a for a in ("ws_ptr", "count_ptr") if a in names]]
     src = GluonASTSource(fn, sig, constexprs, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})

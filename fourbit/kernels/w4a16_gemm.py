@@ -505,28 +505,22 @@ def _copy_x(x_desc, x_smem, bar, stage, m0, kt, pred):
 
 
 @gluon.jit
-def _issue_parts(x_desc, x_desc2, x_desc3, x_smem, x_smem2, x_smem3, bars, stage, m0, kt, pred,
-                 BLOCK_M: gl.constexpr):
-    """_issue_x for each part of a CTA's BLOCK_M rows (_row_part), all completing on bars[stage]."""
-    B1: gl.constexpr = _row_part(BLOCK_M, 0)
-    B2: gl.constexpr = _row_part(BLOCK_M, 1)
+def _issue_parts(x_desc, x_desc2, x_smem, x_smem2, bars, stage, m0, kt, pred, BLOCK_M: gl.constexpr):
+    """_issue_x for both parts of a CTA's BLOCK_M rows (_row_part), completing on bars[stage]."""
     _issue_x(x_desc, x_smem, bars, stage, m0, kt, pred, BLOCK_M)
-    if B2 > 0:
-        _copy_x(x_desc2, x_smem2, bars.index(stage), stage, m0 + B1, kt, pred)
-    if _row_part(BLOCK_M, 2) > 0:
-        _copy_x(x_desc3, x_smem3, bars.index(stage), stage, m0 + B1 + B2, kt, pred)
+    if _row_part(BLOCK_M, 1) > 0:
+        _copy_x(x_desc2, x_smem2, bars.index(stage), stage, m0 + _row_part(BLOCK_M, 0), kt, pred)
 
 
 @triton.constexpr_function  # (also called on the host)
 def tile_parts(block_m: int) -> tuple:
-    """The parts of a wgmma CTA's BLOCK_M rows: BLOCK_M itself (a power of two up to 256), or 256 and one or two
-    smaller powers of two from 8 (e.g. 336 = 256 + 64 + 16). Each part has its own accumulator (wgmma n = its
-    rows) and X box, and all take the same dequantized weights: an M between two tile heights is neither padded
-    to the next nor has its weights dequantized once per tile."""
-    rest = block_m - 256
-    parts = (block_m, ) if rest <= 0 else (256, ) + tuple(1 << b for b in range(7, 2, -1) if rest >> b & 1)
-    if sum(parts) != block_m or len(parts) > 3 or parts[0] & (parts[0] - 1):
-        raise ValueError(f"BLOCK_M {block_m} is not a power of two up to 256, nor 256 and one or two smaller ones")
+    """The parts of a wgmma CTA's BLOCK_M rows: BLOCK_M itself (a power of two up to 256), or 256 and a smaller
+    power of two from 8 (e.g. 384 = 256 + 128). Each part has its own accumulator (wgmma n = its rows) and X box,
+    and both take the same dequantized weights: an M between two tile heights is neither padded to the next nor
+    has its weights dequantized once per tile."""
+    parts = (block_m, ) if block_m <= 256 else (256, block_m - 256)
+    if any(p < 8 or p & (p - 1) for p in parts) or parts[-1] > 256 // len(parts):
+        raise ValueError(f"BLOCK_M {block_m} is not a power of two from 8 to 256, nor 256 and a smaller one")
     return parts
 
 
@@ -544,19 +538,18 @@ def _inflight(block_m):
 
 
 @gluon.jit
-def _wgmma_slices(acc, acc2, acc3, w0, w1, x_smem, x_smem2, x_smem3, stage, zz, s2, kt, rows, rows_ok, s_ptr, z_ptr,
+def _wgmma_slices(acc, acc2, w0, w1, x_smem, x_smem2, stage, zz, s2, kt, rows, rows_ok, s_ptr, z_ptr,
                   N, K, GS: gl.constexpr, SYM: gl.constexpr, BF16: gl.constexpr, BLOCK_M: gl.constexpr,
                   NUM_WARPS: gl.constexpr, INFLIGHT: gl.constexpr, FIRST: gl.constexpr, LAST: gl.constexpr,
                   RING: gl.constexpr = False):
     """k16 slices FIRST .. LAST - 1 of tile kt: each dequantized from the words (w0: slices 0-3, w1: 4-7) straight
     into wgmma's register A layout and multiplied with X's slice of ring stage `stage` by an async wgmma (one per
-    part of the BLOCK_M rows, _row_part: acc / x_smem, then acc2 / x_smem2 and acc3 / x_smem3 where those parts
-    exist; else they are returned as given), keeping up to INFLIGHT slices in flight. Group parameters are
-    (re)loaded where a group starts inside the tile (group size below 128): from global memory, or with RING from
-    the parameter rings s_ptr / z_ptr (slot stage · groups per tile + group). Returns (acc, acc2, acc3, zz, s2)."""
+    part of the BLOCK_M rows, _row_part: acc / x_smem, then acc2 / x_smem2 where the second part exists, else acc2
+    is returned as given), keeping up to INFLIGHT slices in flight. Group parameters are (re)loaded where a group
+    starts inside the tile (group size below 128): from global memory, or with RING from the parameter rings
+    s_ptr / z_ptr (slot stage · groups per tile + group). Returns (acc, acc2, zz, s2)."""
     B1: gl.constexpr = _row_part(BLOCK_M, 0)
     B2: gl.constexpr = _row_part(BLOCK_M, 1)
-    B3: gl.constexpr = _row_part(BLOCK_M, 2)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, B1, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -573,16 +566,12 @@ def _wgmma_slices(acc, acc2, acc3, w0, w1, x_smem, x_smem2, x_smem3, stage, zz, 
         lo, hi = _dequant(w0 if i < 4 else w1, zz, s2, i % 4, BF16, True)
         w = gl.convert_layout(gl.reshape(gl.join(lo, hi), (BN, 16)), a_l, assert_trivial=True)
         acc = warpgroup_mma(w, _x_slice(x_smem, stage, i), acc, is_async=True)
-        if B3 > 0:
-            acc2 = warpgroup_mma(w, _x_slice(x_smem2, stage, i), acc2, is_async=True)
-            acc3 = warpgroup_mma(w, _x_slice(x_smem3, stage, i), acc3, is_async=True)
-            acc, acc2, acc3 = warpgroup_mma_wait(num_outstanding=3 * INFLIGHT, deps=[acc, acc2, acc3])
-        elif B2 > 0:
+        if B2 > 0:
             acc2 = warpgroup_mma(w, _x_slice(x_smem2, stage, i), acc2, is_async=True)
             acc, acc2 = warpgroup_mma_wait(num_outstanding=2 * INFLIGHT, deps=[acc, acc2])
         else:
             acc = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc])
-    return acc, acc2, acc3, zz, s2
+    return acc, acc2, zz, s2
 
 
 @gluon.jit
@@ -610,22 +599,21 @@ def _store_acc(acc, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS:
 
 @gluon.jit
 def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, KT, TILES_PER_SPLIT,
-                        ws_ptr, count_ptr, x_desc2, x_desc3, GS: gl.constexpr, SYM: gl.constexpr,
+                        ws_ptr, count_ptr, x_desc2, GS: gl.constexpr, SYM: gl.constexpr,
                         HAS_BIAS: gl.constexpr, ATOMIC: gl.constexpr, BLOCK_M: gl.constexpr, R: gl.constexpr,
                         NUM_WARPS: gl.constexpr, STAGES: gl.constexpr, GLU: gl.constexpr = False):
     """M > 8 on Hopper: the same register A fragments fed to async wgmma (m64nBLOCK_Mk16, one warpgroup per
     64 rows), X (the B operand) streamed by TMA through a ring of STAGES shared-memory tiles so its loads overlap
     the tensor cores; scales applied in the dequant. The next slice's dequant overlaps the running wgmmas (up to
     INFLIGHT of them: with n >= 128 one at a time leaves the tensor cores waiting). A BLOCK_M past 256 is taken in
-    parts (_row_part; x_desc2 / x_desc3 are the second and third parts' X boxes, else unused): one wgmma per part
-    and slice, all from the same A fragments. No split K with parts (its arrival counter is per program)."""
+    two parts (_row_part; x_desc2 is the second part's X box, else unused): one wgmma per part and slice, both
+    from the same A fragments. No split K with parts (its arrival counter is per program)."""
     BF16: gl.constexpr = x_desc.dtype == gl.bfloat16
     RB: gl.constexpr = R * NUM_WARPS
     BN: gl.constexpr = 16 * RB
     TILE_GROUP: gl.constexpr = GS == 128  # one group per 128-wide tile
     B1: gl.constexpr = _row_part(BLOCK_M, 0)
     B2: gl.constexpr = _row_part(BLOCK_M, 1)
-    B3: gl.constexpr = _row_part(BLOCK_M, 2)
     INFLIGHT: gl.constexpr = _inflight(B1)
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -634,20 +622,16 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
 
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, B1, 64], x_desc.layout)
     acc = gl.zeros((BN, B1), gl.float32, layout=_wgmma_layout(NUM_WARPS, B1))
-    x_smem2, x_smem3, acc2, acc3 = x_smem, x_smem, acc, acc  # (parts that do not exist: never used)
+    x_smem2, acc2 = x_smem, acc  # (no second part: never used)
     if B2 > 0:
         x_smem2 = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, B2, 64], x_desc.layout)
         acc2 = gl.zeros((BN, B2), gl.float32, layout=_wgmma_layout(NUM_WARPS, B2))
-    if B3 > 0:
-        x_smem3 = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, B3, 64], x_desc.layout)
-        acc3 = gl.zeros((BN, B3), gl.float32, layout=_wgmma_layout(NUM_WARPS, B3))
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     fence_async_shared()
     for i in gl.static_range(STAGES - 1):  # the ring's first tiles in flight
-        _issue_parts(x_desc, x_desc2, x_desc3, x_smem, x_smem2, x_smem3, bars, i, m0, kt0 + i, kt0 + i < kt1,
-                     BLOCK_M)
+        _issue_parts(x_desc, x_desc2, x_smem, x_smem2, bars, i, m0, kt0 + i, kt0 + i < kt1, BLOCK_M)
 
     w_off, w_ok = _word_offsets(pid_n, N, KT, RB, NUM_WARPS)
     w0, w1 = _load_tile(qw_ptr, w_off + kt0 * 256, w_ok & (kt0 < kt1), RB)
@@ -662,18 +646,16 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
         if TILE_GROUP:  # with their group's parameters
             nzz, ns2 = _group_params(s_ptr, z_ptr, kt + 1, rows, rows_ok & (kt + 1 < kt1), N, SYM, BF16, True)
         mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
-        acc, acc2, acc3, zz, s2 = _wgmma_slices(acc, acc2, acc3, w0, w1, x_smem, x_smem2, x_smem3, stage, zz, s2, kt,
-                                                rows, rows_ok, s_ptr, z_ptr, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
-                                                INFLIGHT, 0, INFLIGHT)
+        acc, acc2, zz, s2 = _wgmma_slices(acc, acc2, w0, w1, x_smem, x_smem2, stage, zz, s2, kt, rows, rows_ok, s_ptr,
+                                          z_ptr, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, 0, INFLIGHT)
         # this warpgroup's wgmmas of the previous tile are done (all but the INFLIGHT newest slices' are); once
         # every warpgroup is here, its ring stage is free for the tile STAGES - 1 ahead
         gl.thread_barrier()
         ahead = kt + STAGES - 1
-        _issue_parts(x_desc, x_desc2, x_desc3, x_smem, x_smem2, x_smem3, bars, (j + STAGES - 1) % STAGES, m0, ahead,
-                     ahead < kt1, BLOCK_M)
-        acc, acc2, acc3, zz, s2 = _wgmma_slices(acc, acc2, acc3, w0, w1, x_smem, x_smem2, x_smem3, stage, zz, s2, kt,
-                                                rows, rows_ok, s_ptr, z_ptr, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
-                                                INFLIGHT, INFLIGHT, 8)
+        _issue_parts(x_desc, x_desc2, x_smem, x_smem2, bars, (j + STAGES - 1) % STAGES, m0, ahead, ahead < kt1,
+                     BLOCK_M)
+        acc, acc2, zz, s2 = _wgmma_slices(acc, acc2, w0, w1, x_smem, x_smem2, stage, zz, s2, kt, rows, rows_ok, s_ptr,
+                                          z_ptr, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, INFLIGHT, 8)
         w0, w1 = n0, n1
         if TILE_GROUP:
             zz, s2 = nzz, ns2
@@ -685,10 +667,6 @@ def _w4a16_wgmma_kernel(x_desc, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K
         acc2 = warpgroup_mma_wait(num_outstanding=0, deps=[acc2])
         _store_acc(acc2, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, False, BLOCK_M, NUM_WARPS, GLU,
                    B1)
-    if B3 > 0:
-        acc3 = warpgroup_mma_wait(num_outstanding=0, deps=[acc3])
-        _store_acc(acc3, pid_n, M, N, bias_ptr, out_ptr, ws_ptr, count_ptr, HAS_BIAS, False, BLOCK_M, NUM_WARPS, GLU,
-                   B1 + B2)
 
 
 @triton.constexpr_function
@@ -761,24 +739,21 @@ def _ws_mma(x_smem, w_smem, s_ring, z_ring, xready, xempty, wready, wempty, N, K
         j = kt - kt0
         stage = j % STAGES
         mbarrier.wait(xready.index(stage), (j // STAGES) & 1)
-        acc, _, _, zz, s2 = _wgmma_slices(acc, acc, acc, w0, w1, x_smem, x_smem, x_smem, stage, zz, s2, kt, rows,
-                                          rows_ok, s_ring, z_ring, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
-                                          INFLIGHT, 0, INFLIGHT, True)
+        acc, _, zz, s2 = _wgmma_slices(acc, acc, w0, w1, x_smem, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ring,
+                                       z_ring, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, 0, INFLIGHT, True)
         # every consumer warp's wgmmas of the previous tile are done: its stages go back to the loaders (the
         # fence orders the generic-proxy reads of its words before the TMA that refills them)
         gl.thread_barrier()
         fence_async_shared()
         mbarrier.arrive(xempty.index((j + STAGES - 1) % STAGES), pred=j > 0)
         mbarrier.arrive(wempty.index((j + STAGES - 1) % STAGES), pred=j > 0)
-        acc, _, _, zz, s2 = _wgmma_slices(acc, acc, acc, w0, w1, x_smem, x_smem, x_smem, stage, zz, s2, kt, rows,
-                                          rows_ok, s_ring, z_ring, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
-                                          INFLIGHT, INFLIGHT, 4, True)
+        acc, _, zz, s2 = _wgmma_slices(acc, acc, w0, w1, x_smem, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ring,
+                                       z_ring, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, INFLIGHT, 4, True)
         # the next tile's words and first group while the last slices run
         n0, n1 = _ws_words(w_smem, wready, j + 1, kt + 1 < kt1, RB, NUM_WARPS)
         nzz, ns2 = _ring_params(s_ring, z_ring, ((j + 1) % STAGES) * GPT, rows, SYM, BF16)
-        acc, _, _, zz, s2 = _wgmma_slices(acc, acc, acc, w0, w1, x_smem, x_smem, x_smem, stage, zz, s2, kt, rows,
-                                          rows_ok, s_ring, z_ring, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS,
-                                          INFLIGHT, 4, 8, True)
+        acc, _, zz, s2 = _wgmma_slices(acc, acc, w0, w1, x_smem, x_smem, stage, zz, s2, kt, rows, rows_ok, s_ring,
+                                       z_ring, N, K, GS, SYM, BF16, BLOCK_M, NUM_WARPS, INFLIGHT, 4, 8, True)
         w0, w1 = n0, n1
         zz, s2 = nzz, ns2
     return (warpgroup_mma_wait(num_outstanding=0, deps=[acc]), )
@@ -899,8 +874,8 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
             block_m = 64 if m <= 192 else 128
             return "ws", block_m, 1, 4, 1, False, True, 4 if block_m == 64 else 3
         return kind, block_m, r, 4, split, post, smem, stages
-    elif hopper and _parts_pick(m, n, sms):  # all of M in one tile of two parts (256 + 8 .. 128 rows)
-        block_m, warps = _parts_pick(m, n, sms)
+    elif hopper and (parts := _parts_pick(m, n, sms)):  # all of M in one tile of two parts (256 + 8 .. 128 rows)
+        block_m, warps = parts
         return kind, block_m, r, warps, 1, post, smem, stages
     elif m < 512:  # 2-4 tiles of rows: whichever of three configs costs the fewest CTA waves
         block_m, warps, stages = _wide_pick(m, n, sms)
@@ -1166,12 +1141,13 @@ def _launch(x, qweight, scales, zeros, bias, out, group_size: int, n: int, k: in
         pad_m = _pad_rows(m, block_m, warps)
         if k % 8 or pad_m:
             x = torch.nn.functional.pad(x, (0, -k % 8, 0, pad_m))
-        x_desc, *more = [TensorDescriptor.from_tensor(x, [rows, 64], X_SMEM_LAYOUT) for rows in tile_parts(block_m)]
+        # (tile_parts.fn: the plain function, without the constexpr wrapper's ~2 us per launch)
+        x_desc, *more = [TensorDescriptor.from_tensor(x, [rows, 64], X_SMEM_LAYOUT) for rows in tile_parts.fn(block_m)]
         consts = dict(GS=group_size, BLOCK_M=block_m, R=r, NUM_WARPS=warps, STAGES=stages, num_warps=warps)
         if kind == "wgmma":
             if more and split > 1:
                 raise FourbitError(f"a wgmma tile of {block_m} rows (in parts) takes no split K, got {split}")
-            more += [x_desc] * (2 - len(more))  # parts that do not exist
+            more = more or [x_desc]  # (no second part: unused)
             _w4a16_wgmma_kernel[grid](x_desc, *args[1:], out, *sizes, ws, count, *more, **consts, **flags)
         else:
             w_desc = TensorDescriptor.from_tensor(qweight, [r * warps, 256], W_SMEM_LAYOUT)
