@@ -41,6 +41,13 @@ def qweight_shape(n: int, k: int) -> tuple[int, int]:
     return -(-n // N_TILE), -(-k // K_TILE) * WORDS_PER_TILE
 
 
+def gated_halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gated layer's output (M, n) (nn/fuse.W4A16GatedLinear: in every N_TILE channels, 8 gate channels and then
+    their 8 up channels) -> (gate, up), strided (M, n / 16, 8) views."""
+    pairs = y.view(y.shape[0], y.shape[1] // N_TILE, 2, N_TILE // 2)
+    return pairs[:, :, 0], pairs[:, :, 1]
+
+
 def pack_quick(codes: torch.Tensor) -> torch.Tensor:
     """codes uint8 (N, K) -> qweight int32 (ceil(N / 16), ceil(K / 128) * 256)."""
     c = pad_to(pad_to(codes, 0, N_TILE), 1, K_TILE)  # (Np, Kp)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.quick import unpack_quick
+from ..formats.quick import gated_halves, unpack_quick
 
 
 def w4a16_dequant_ref(qweight, scales, zeros, group_size: int, n: int, k: int) -> torch.Tensor:
@@ -33,8 +33,7 @@ def w4a16_gemm_ref(x, qweight, scales, zeros, group_size: int, n: int, k: int, b
     y = y if bias is None else y + bias.to(x.dtype)
     if not glu:
         return y
-    pairs = y.view(y.shape[0], n // 16, 2, 8)
-    return silu_mul_ref(pairs[:, :, 0], pairs[:, :, 1]).view(y.shape[0], n // 2)
+    return silu_mul_ref(*gated_halves(y)).reshape(y.shape[0], n // 2)
 
 
 def paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len: int,

@@ -68,7 +68,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..errors import FourbitError
-from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE
+from ..formats.quick import K_TILE, N_TILE, WORDS_PER_TILE, gated_halves
 from . import capability, sm_count
 from .fused import silu_mul
 from .pdl import pdl_args
@@ -1076,8 +1076,7 @@ def w4a16_gemm(x, qweight, scales, zeros, group_size: int, n: int, k: int, bias=
         _launch(xs, qweight, scales, zeros, bias, outs, group_size, n, k, k_tiles, cfg, gluon, glu and gluon)
     out = out.to(x.dtype) if fp32 else out
     if glu and not gluon:
-        pairs = out.view(m, n // 16, 2, 8)
-        out = silu_mul(pairs[:, :, 0], pairs[:, :, 1]).view(m, n // 2)
+        out = silu_mul(*gated_halves(out)).view(m, n // 2)
     return out
 
 
