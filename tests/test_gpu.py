@@ -44,6 +44,7 @@ _KERNEL_CONFIGS = [  # (kind, BLOCK_M, R, warps, split K, post-scale, X in smem,
     ("wgmma", 264, 1, 8, 1, False, True, 2), ("wgmma", 320, 1, 4, 1, False, True, 2),  # tiles in parts (tile_parts)
     ("ws", 32, 1, 4, 2, False, True, 4), ("ws", 64, 2, 4, 1, False, True, 3), ("ws", 64, 1, 4, 4, False, True, 2),
     ("ws", 128, 1, 4, 1, False, True, 3), ("ws", 128, 1, 8, 3, False, True, 3),
+    ("ws", 32, 2, 8, 2, False, True, 4), ("ws", 64, 2, 8, 4, False, True, 3),  # two consumer warpgroups (_ws_pick)
 ]
 
 

@@ -109,10 +109,12 @@ _CASES = {
                                                                      BLOCK_M=264, R=1, NUM_WARPS=8, STAGES=2)),
 }
 _WS = dict(SYM=False, HAS_BIAS=False, NUM_WARPS=4)
-_CASES.update({  # the warp-specialized kernel at _ws_pick's configs, and a group size below a tile with bias
-    f"ws-bf16-g128-{bm}-{r}-{atomic}": ("_w4a16_ws_kernel", "bf16", dict(GS=128, ATOMIC=atomic, BLOCK_M=bm, R=r,
-                                                                          STAGES=4 if r == 1 else 3, **_WS))
-    for bm in (32, 64) for r in (1, 2) for atomic in (False, True)})
+# the warp-specialized kernel's configs _ws_pick chooses among (BLOCK_M, R, warps, stages), split and not
+_WS_PICKS = [(32, 1, 4, 4), (64, 1, 4, 4), (32, 2, 4, 3), (64, 2, 4, 3), (32, 2, 8, 4), (64, 2, 8, 3)]
+_CASES.update({  # ... and a group size below a tile with bias
+    f"ws-bf16-g128-{bm}-{r}-{atomic}": ("_w4a16_ws_kernel", "bf16", dict(
+        GS=128, SYM=False, HAS_BIAS=False, ATOMIC=atomic, BLOCK_M=bm, R=r, NUM_WARPS=warps, STAGES=stages))
+    for bm, r, warps, stages in _WS_PICKS for atomic in (False, True)})
 _CASES["ws-bf16-g128-128-rows"] = ("_w4a16_ws_kernel", "bf16", dict(GS=128, ATOMIC=False, BLOCK_M=128, R=1, STAGES=3,
                                                                    **_WS))  # the config for 80 < M <= 256, K <= 4096
 _CASES["ws-fp16-g32-bias"] = ("_w4a16_ws_kernel", "fp16", dict(GS=32, SYM=True, HAS_BIAS=True, ATOMIC=True,
@@ -237,16 +239,18 @@ def test_ws_kernel_streams_packed_words_by_tma(compiled, case):
     assert sum(n for op, n in k["ops"].items() if op.startswith("STS.")) <= epilogue
 
 
-@pytest.mark.parametrize("bm, r", [(32, 1), (32, 2), (64, 1), (64, 2)])
-def test_ws_occupancy_matches_the_compile(compiled, bm, r):
+@pytest.mark.parametrize("bm, r, warps, stages", _WS_PICKS)
+def test_ws_occupancy_matches_the_compile(compiled, bm, r, warps, stages):
     # _ws_pick splits K as far as the CTAs that fit an SM allow (_ws_ctas_per_sm); recompute that from the
-    # compile: registers at maxnreg for 4 + 4 warps (the loaders' warpgroup), shared memory with 1 KB per CTA.
+    # compile: registers at maxnreg for the consumers + 4 warps (the loaders' warpgroup), shared memory with 1 KB
+    # per CTA.
     from fourbit.kernels.w4a16_gemm import _ws_ctas_per_sm
 
     runs = [compiled[f"ws-bf16-g128-{bm}-{r}-{atomic}"] for atomic in (False, True)]
     regs = max(k["regs"] for k in runs)
     smem = max(k["smem"] + k["shared"] for k in runs)
-    assert min(65536 // (regs * 8 * 32), 228 * 1024 // (smem + 1024)) == _ws_ctas_per_sm(bm, r), (regs, smem)
+    fits = min(65536 // (regs * (warps + 4) * 32), 228 * 1024 // (smem + 1024))
+    assert fits == _ws_ctas_per_sm(bm, r, warps, stages), (regs, smem)
 
 
 @pytest.mark.parametrize("case", [c for c in _CASES if c.endswith("-glu")])

@@ -888,37 +888,41 @@ def _config(m: int, n: int, k_tiles: int, sms: int, hopper: bool = True, aligned
     return kind, block_m, r, warps, split, post, smem, stages
 
 
-# ring stages of the warp-specialized kernel by R (BN 64 or 128), as _ws_pick uses it: the H100 sweep's best
-WS_STAGES = {1: 4, 2: 3}
-
-
 def _ws_pick(m: int, n: int, k_tiles: int, sms: int) -> tuple:
-    """The warp-specialized kernel's config for 16 < M <= 64: tiles of 32 or 64 rows; BN 128 (R 2, 3 stages) where
-    those tiles alone fill the SMs or K is long enough to split cheaply (>= 128 tiles), else BN 64 (R 1, 4 stages);
-    K split as far as the CTAs that fit at once allow (_ws_ctas_per_sm). From an H100 sweep over 8 Llama layer
-    shapes at M = 32 and 64 (benchmarks/NOTES-w4a16.md): the best swept config at 12 of 16 points, within 8% of
-    it at the rest."""
+    """The warp-specialized kernel's config for 16 < M <= 64: tiles of 32 or 64 rows; where 128-row tiles alone
+    would fill the SMs, BN 256 (two consumer warpgroups of R 2; 3 stages at 64 rows, 4 at 32); else where K is long
+    enough to split cheaply (>= 128 tiles) BN 128 (one warpgroup, R 2, 3 stages), else BN 64 (R 1, 4 stages); K
+    split as far as the CTAs that fit at once allow (_ws_ctas_per_sm). From H100 sweeps over 8-10 Llama layer
+    shapes at M = 32 and 64 (benchmarks/NOTES-w4a16.md, sessions 11 and 27): BN 256 reads X from L2 once per 256
+    weight rows; at odd M from 20 to 64 on five wide layers it ran at 0.99-1.08x the speed of BN 128 (geomean
+    1.024x), and was mixed on the long-K split layer (70B down, 0.92-1.10x), which keeps BN 128."""
     block_m = 32 if m <= 32 else 64
     rows = triton.cdiv(m, block_m)
-    r = 2 if rows * triton.cdiv(n, 128) >= sms or k_tiles >= 128 else 1
-    tiles = rows * triton.cdiv(n, 64 * r)
-    fit = _ws_ctas_per_sm(block_m, r) * sms
+    if rows * triton.cdiv(n, 128) >= sms:
+        r, warps, stages = 2, 8, 3 if block_m == 64 else 4
+    else:
+        r, warps, stages = (2, 4, 3) if k_tiles >= 128 else (1, 4, 4)
+    tiles = rows * triton.cdiv(n, 16 * r * warps)
+    fit = _ws_ctas_per_sm(block_m, r, warps, stages) * sms
     split = max(s for s in (1, 2, 4, 8) if s == 1 or (k_tiles // s >= 4 and tiles * s <= fit))
-    return "ws", block_m, r, 4, split, False, True, WS_STAGES[r]
+    return "ws", block_m, r, warps, split, False, True, stages
 
 
 def _ws_maxnreg(block_m: int, r: int, warps: int) -> int:
     """Registers per thread the warp-specialized kernel is compiled for. Its loaders take a warpgroup's worth of
     registers (allocation is per warpgroup; they keep 24 each and give the rest to the consumers), so a CTA counts
-    warps + 4 warps: 80 leaves registers for three 4-warp CTAs of BN 64 per SM; a larger tile needs 128."""
-    return 168 if warps == 8 else (80 if r == 1 and block_m <= 64 else 128)
+    warps + 4 warps: 80 leaves registers for three 4-warp CTAs of BN 64 per SM; a larger tile needs 128, a
+    128-row one with two warpgroups 168."""
+    if warps == 8 and block_m > 64:
+        return 168
+    return 80 if r == 1 and block_m <= 64 else 128
 
 
-def _ws_ctas_per_sm(block_m: int, r: int) -> int:
-    """4-warp CTAs of the warp-specialized kernel that fit an SM at _ws_pick's stages: registers (_ws_maxnreg)
+def _ws_ctas_per_sm(block_m: int, r: int, warps: int, stages: int) -> int:
+    """CTAs of the warp-specialized kernel that fit an SM: registers (_ws_maxnreg, for warps + the loaders' 4)
     and shared memory (X and weight rings)."""
-    smem = WS_STAGES[r] * (block_m * 128 * 2 + 64 * r * 128 // 2) + 2048
-    return min(65536 // (_ws_maxnreg(block_m, r, 4) * 8 * 32), 228 * 1024 // (smem + 1024))
+    smem = stages * (block_m * 128 * 2 + 16 * r * warps * 128 // 2) + 2048
+    return min(65536 // (_ws_maxnreg(block_m, r, warps) * (warps + 4) * 32), 228 * 1024 // (smem + 1024))
 
 
 # CTAs of the wgmma kernel with 4 warps and 2 stages that fit on an SM, by (BLOCK_M, R): registers of the sm_90
