@@ -109,9 +109,10 @@ _CASES = {
                                                                      BLOCK_M=264, R=1, NUM_WARPS=8, STAGES=2)),
 }
 _WS = dict(SYM=False, HAS_BIAS=False, NUM_WARPS=4)
-# the warp-specialized kernel's configs _ws_pick chooses among (BLOCK_M, R, warps, stages), split and not
+# the warp-specialized kernel at the configs _ws_pick chooses among (BLOCK_M, R, warps, stages), split and not;
+# below, its config for 80 < M <= 256 and a group size below a tile with bias
 _WS_PICKS = [(32, 1, 4, 4), (64, 1, 4, 4), (32, 2, 4, 3), (64, 2, 4, 3), (32, 2, 8, 4), (64, 2, 8, 3)]
-_CASES.update({  # ... and a group size below a tile with bias
+_CASES.update({
     f"ws-bf16-g128-{bm}-{r}-{atomic}": ("_w4a16_ws_kernel", "bf16", dict(
         GS=128, SYM=False, HAS_BIAS=False, ATOMIC=atomic, BLOCK_M=bm, R=r, NUM_WARPS=warps, STAGES=stages))
     for bm, r, warps, stages in _WS_PICKS for atomic in (False, True)})
